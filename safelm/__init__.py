@@ -1,0 +1,31 @@
+"""SafeLM: train Transformer language models and text classifiers with differential privacy,
+federate them with Flower and audit them for fairness and privacy leakage.
+
+This module is the public API that ``federation`` and ``audits`` build on.
+"""
+
+import importlib
+from typing import Any
+
+# Public names and the module that defines each. Imported on first use, so that
+# `safelm --help` and `import safelm.errors` do not pay for torch and Opacus start-up.
+_EXPORTS = {
+    "api": ["Prepared", "Run", "file_sha256", "generate", "load_run", "predictions_table",
+            "prepare", "score_encoded", "train_run", "write_csv"],
+    "config": ["Config", "DataConfig", "ModelConfig", "PrivacyConfig", "TrainConfig"],
+    "data": ["BlockDataset", "Encoded", "encode_rows", "load_rows", "split_rows"],
+    "errors": ["ConfigError", "DataError", "UserError"],
+    "model": ["LSTMModel", "Transformer", "build_model"],
+    "tokenizer": ["Tokenizer"],
+    "trainer": ["Trainer"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+__version__ = "0.1.0"
+__all__ = sorted(_WHERE) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'safelm' has no attribute {name!r}")

@@ -1,0 +1,265 @@
+"""The public API behind the command line: train a run, load it, predict, generate.
+
+``federation`` and ``audits`` use SafeLM through this module (and ``safelm.__init__``) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rundir
+from .config import Config
+from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
+from .errors import UserError
+from .model import build_model
+from .tokenizer import Tokenizer
+from .trainer import Trainer, pick_device
+
+DATA_INFO = "data.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Prepared:
+    """Everything a Trainer needs, built from a data file and a config."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    splits: dict[str, pd.DataFrame]
+    encoded: dict[str, Encoded]
+
+    def dataset(self, split: str) -> BlockDataset:
+        return BlockDataset(self.encoded[split])
+
+
+def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
+    """Read, split, tokenize (training a tokenizer on the train split if none is given) and
+    resolve the data-dependent config fields (vocab size, labels, number of classes)."""
+    task = cfg.train.task
+    rows = load_rows(data_path, cfg.data, task)
+    splits = split_rows(rows, cfg.data, cfg.train.seed)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train(splits["train"]["text"], cfg.model.vocab_size)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    if task == "classify":
+        if not cfg.data.labels:
+            cfg.data.labels = sorted(set(splits["train"]["label"]))
+        if len(cfg.data.labels) < 2:
+            raise UserError(f"{data_path}: the training split has only the label "
+                            f"{cfg.data.labels}; classification needs at least two classes")
+        cfg.model.num_classes = len(cfg.data.labels)
+    encoded = {name: encode_rows(df, tokenizer, cfg.model.block_size, task, cfg.data.labels)
+               for name, df in splits.items()}
+    return Prepared(cfg, tokenizer, splits, encoded)
+
+
+def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
+              resume: bool = False, privacy: Any = None) -> dict[str, Any]:
+    """Train into run dir ``out`` (or continue it with ``resume``); returns final metrics.
+
+    A new run refuses an existing non-empty ``out`` so that nothing already trained is
+    overwritten; every check on data and config happens before the dir is created.
+    """
+    out = Path(out)
+    sha = file_sha256(data_path) if Path(data_path).is_file() else None
+    if resume:
+        cfg = rundir.read_config(out)
+        info = json.loads((out / DATA_INFO).read_text())
+        if sha != info["sha256"]:
+            raise UserError(f"{data_path} is not the file this run was trained on (sha256 "
+                            "differs); resume with the same --data")
+        prep = prepare(data_path, cfg, Tokenizer.load(out / rundir.TOKENIZER))
+    else:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out} already exists and is not empty; pass --resume to continue "
+                            "that run or choose a new --out")
+        prep = prepare(data_path, cfg)
+        cfg.validate()
+    model = build_model(cfg.model, cfg.train.task)
+    if privacy is None and cfg.privacy.enabled:
+        raise UserError("privacy.enabled=true: DP-SGD training is not available in this "
+                        "version yet; train without it (privacy.enabled=false)")
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        prep.tokenizer.save(out / rundir.TOKENIZER)
+        rundir.atomic_write_text(out / rundir.CONFIG, cfg.to_json() + "\n")
+        rundir.atomic_write_json(out / DATA_INFO, {
+            "path": str(data_path), "sha256": sha,
+            "rows": {k: len(v) for k, v in prep.splits.items()},
+            "blocks": {k: int(e.input_ids.shape[0]) for k, e in prep.encoded.items()}})
+    trainer = Trainer(model, cfg.train, prep.dataset("train"), prep.dataset("val"),
+                      run_dir=out, privacy=privacy, num_classes=cfg.model.num_classes)
+    final = trainer.fit(resume=resume)
+    test = trainer.evaluate(prep.dataset("test"))
+    final.update({f"test_{k}": v for k, v in test.items()})
+    if test:
+        trainer.log({"kind": "test", "step": trainer.global_step, **final})
+    return final
+
+
+# ---- loading a run ------------------------------------------------------------------------
+@dataclass
+class Run:
+    cfg: Config
+    tokenizer: Tokenizer
+    model: nn.Module
+    path: Path
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> Run:
+    """Config, tokenizer and weights of a run dir (safetensors only: nothing is unpickled)."""
+    p = Path(run_dir)
+    cfg = rundir.read_config(p)
+    for name in (rundir.TOKENIZER, rundir.WEIGHTS):
+        if not (p / name).is_file():
+            raise UserError(f"{p}: missing {name}; the run has not finished its first "
+                            "checkpoint")
+    tok = Tokenizer.load(p / rundir.TOKENIZER)
+    model = build_model(cfg.model, cfg.train.task)
+    rundir.load_weights(model, p / rundir.WEIGHTS)
+    model.to(pick_device(device)).eval()
+    return Run(cfg, tok, model, p)
+
+
+@torch.no_grad()
+def score_encoded(run: Run, enc: Encoded, n_rows: int, batch_size: int = 64) -> dict[str, Any]:
+    """Per-row NLL (mean per token for LM, label cross-entropy for classification), token
+    counts, and class probabilities."""
+    task, device = run.cfg.train.task, next(run.model.parameters()).device
+    nll_sum = torch.zeros(n_rows, dtype=torch.float64)
+    n_tok = torch.zeros(n_rows, dtype=torch.long)
+    probs = []
+    for i in range(0, enc.input_ids.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        x, lengths = enc.input_ids[sl].to(device), enc.lengths[sl].to(device)
+        ex = enc.example[sl]
+        if task == "lm":
+            y = enc.targets[sl].to(device)
+            logits = run.model(x)
+            tok_nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100,
+                                      reduction="none")  # [B, T]
+            nll_sum.index_add_(0, ex, tok_nll.sum(1).double().cpu())
+            n_tok.index_add_(0, ex, lengths.cpu())
+        else:
+            p = F.softmax(run.model(x, lengths).float(), dim=-1).cpu()
+            probs.append(p)
+            n_tok[ex] = lengths.cpu()
+    if task == "lm":
+        return {"nll": (nll_sum / n_tok.clamp(min=1)).numpy(), "n_tokens": n_tok.numpy()}
+    p = torch.cat(probs) if probs else torch.zeros(0, run.cfg.model.num_classes)
+    labels = enc.labels
+    nll = -torch.log(p.gather(1, labels.clamp(min=0).view(-1, 1)).squeeze(1).clamp(min=1e-12))
+    nll[labels < 0] = float("nan")
+    return {"probs": p.numpy(), "nll": nll.double().numpy(), "n_tokens": n_tok.numpy()}
+
+
+def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
+                      data_overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The predictions table of DESIGN.md for the rows of ``data_path``.
+
+    ``split`` keeps only the rows the run's seeded split put in train, val or test (the same
+    split as training, since it depends only on the data and the seed).
+    """
+    cfg = Config.from_dict(run.cfg.to_dict())
+    for key, value in (data_overrides or {}).items():
+        setattr(cfg.data, key, value)
+    task = cfg.train.task
+    has_labels = task == "classify"
+    try:
+        rows = load_rows(data_path, cfg.data, task)
+    except UserError as e:
+        if task != "classify" or "no column" not in str(e) or repr(cfg.data.label_col) not in str(e):
+            raise
+        has_labels = False  # unlabelled rows: predict without y_true / nll
+        rows = load_rows(data_path, cfg.data, "lm")
+        rows["label"] = ""
+    if split != "all":
+        rows = split_rows(rows, cfg.data, cfg.train.seed)[split]
+        if len(rows) == 0:
+            raise UserError(f"{data_path}: the {split} split is empty for this run's seed")
+    labels = cfg.data.labels
+    known = rows["label"].isin(labels) if task == "classify" else None
+    if has_labels and not known.all():
+        bad = sorted(set(rows.loc[~known, "label"]))[:5]
+        raise UserError(f"{data_path}: labels {bad} were not in this run's training labels "
+                        f"({', '.join(labels)})")
+    enc_rows = rows.assign(label=labels[0]) if task == "classify" and not has_labels else rows
+    enc = encode_rows(enc_rows, run.tokenizer, cfg.model.block_size, task, labels)
+    if task == "classify" and not has_labels:
+        enc.labels[:] = -1
+    s = score_encoded(run, enc, len(rows))
+    table = pd.DataFrame({"example_id": rows["example_id"]})
+    if task == "classify":
+        table["y_true"] = rows["label"].values if has_labels else ""
+        table["y_pred"] = [labels[i] for i in s["probs"].argmax(1)]
+        if len(labels) == 2:
+            table["score"] = s["probs"][:, 1]  # probability of labels[1] (the sorted second)
+        else:
+            for i, name in enumerate(labels):
+                table[f"score_{name}"] = s["probs"][:, i]
+    else:
+        table["y_true"], table["y_pred"], table["score"] = "", "", np.nan
+    table["nll"] = s["nll"]
+    table["n_tokens"] = s["n_tokens"]
+    for col in cfg.data.group_cols:
+        table[col] = rows[col].values
+    return table
+
+
+def write_csv(table: pd.DataFrame, out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+
+
+# ---- generation ---------------------------------------------------------------------------
+@torch.no_grad()
+def generate(run: Run, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> str:
+    """Sample a continuation of ``prompt`` (temperature 0: greedy; top_k 0: full vocabulary)."""
+    if run.cfg.train.task != "lm":
+        raise UserError(f"{run.path} is a classification run; generate needs a run trained "
+                        "with --task lm")
+    if temperature < 0 or top_k < 0 or max_new_tokens < 0:
+        raise UserError("--temperature, --top-k and --max-new-tokens must be >= 0")
+    device = next(run.model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    tok, T = run.tokenizer, run.cfg.model.block_size
+    ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=device)
+    start = ids.shape[1]
+    for _ in range(max_new_tokens):
+        logits = run.model(ids[:, -T:])[:, -1, :].float()  # [1, V]
+        logits[:, [tok.pad_id, tok.bos_id]] = float("-inf")
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits[logits < kth] = float("-inf")
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)
+        if int(nxt) == tok.eos_id:
+            break
+        ids = torch.cat([ids, nxt], dim=1)
+    return prompt + tok.decode(ids[0, start:].tolist())
+

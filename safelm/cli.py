@@ -1,0 +1,184 @@
+"""The ``safelm`` command.
+
+User mistakes (bad options, unreadable data, a missing run dir) end with one line
+``error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one ``error:`` line (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data columns")
+    g.add_argument("--text-col", help="column with the text (default: text)")
+    g.add_argument("--label-col", help="column with the class label (default: label)")
+    g.add_argument("--user-col", help="column naming the user/author; enables user-level "
+                   "splits (default: none)")
+    g.add_argument("--group-cols", help="comma-separated demographic columns carried into "
+                   "predictions, e.g. gender,age_group (default: none)")
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for opt, key in (("text_col", "text_col"), ("label_col", "label_col"),
+                     ("user_col", "user_col")):
+        if getattr(args, opt, None) is not None:
+            out[key] = getattr(args, opt)
+    if getattr(args, "group_cols", None) is not None:
+        out["group_cols"] = [c.strip() for c in args.group_cols.split(",") if c.strip()]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="safelm", description="Train, privatize, federate and audit "
+                     "Transformer language models and text classifiers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a language model or classifier into a run dir",
+                       description="Train into RUN_DIR (model.safetensors, config.json, "
+                       "tokenizer.json, metrics.jsonl, resume/).")
+    t.add_argument("--data", required=True, help="CSV, JSONL or text file")
+    t.add_argument("--task", choices=("lm", "classify"), help="default: train.task (lm)")
+    t.add_argument("--out", required=True, help="run dir to create (must not exist)")
+    t.add_argument("--config", help="TOML file with [model] [data] [train] [privacy] tables")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set train.epochs=5 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from "
+                   "its last checkpoint, with its own config")
+    _data_options(t)
+
+    p = sub.add_parser("predict", help="write the predictions table (CSV) for a data file")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
+                   help="only rows the run's seeded split put here (default: all rows)")
+    _data_options(p)
+
+    g = sub.add_parser("generate", help="sample text from a language-model run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+
+    d = sub.add_parser("demo", help="train on the bundled corpus and show what was learned")
+    d.add_argument("--out", default="safelm-demo", help="folder for the demo's runs "
+                   "(default: ./safelm-demo)")
+    d.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+
+    c = sub.add_parser("corpus", help="write a bundled corpus to a file")
+    c.add_argument("name", choices=("sentiment", "sentiment-nobias", "stories"))
+    c.add_argument("--out", required=True)
+    c.add_argument("--n", type=int, help="rows (sentiment) or stories (stories)")
+    c.add_argument("--bias", type=float, default=0.5,
+                   help="planted bias strength for 'sentiment' (default 0.5)")
+    c.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train_run
+    from .config import Config
+    overrides = _data_overrides(args)
+    if args.resume:
+        if args.config or args.set or overrides or args.task:
+            raise UserError("--resume continues with the run dir's own config.json; drop "
+                            "--config, --set, --task and column options")
+        cfg = None
+    else:
+        cfg = Config.load(args.config, args.set)
+        if args.task:
+            cfg.train.task = args.task
+        for key, value in overrides.items():
+            setattr(cfg.data, key, value)
+        cfg.validate()
+    final = train_run(args.data, cfg, args.out, resume=args.resume)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
+    print(f"run dir: {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .api import load_run, predictions_table, write_csv
+    run = load_run(args.run_dir)
+    table = predictions_table(run, args.data, split=args.split,
+                              data_overrides=_data_overrides(args))
+    write_csv(table, args.out)
+    print(f"wrote {len(table)} predictions to {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import generate, load_run
+    run = load_run(args.run_dir)
+    for i in range(max(1, args.num_samples)):
+        print(generate(run, args.prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, seed=args.seed + i))
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from . import corpus
+    if args.name == "stories":
+        corpus.write_story_text(args.out, **({"n_stories": args.n} if args.n else {}),
+                                seed=args.seed)
+    else:
+        bias = 0.0 if args.name == "sentiment-nobias" else args.bias
+        if not 0.0 <= bias <= 1.0:
+            raise UserError(f"--bias={bias} must be in [0, 1]")
+        corpus.write_sentiment_csv(args.out, **({"n": args.n} if args.n else {}),
+                                   seed=args.seed, bias=bias)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "generate": cmd_generate,
+            "demo": cmd_demo, "corpus": cmd_corpus}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; the last checkpoint is kept (continue with --resume)\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""One typed configuration tree: ``model`` / ``data`` / ``train`` / ``privacy``.
+
+Every value a run uses lives here, so that ``config.json`` in a run dir is the whole recipe.
+Values come from the defaults below, then a TOML file (``--config``), then ``--set
+section.key=value`` overrides; each is parsed by the field's declared type and checked by
+:meth:`Config.validate`, so a typo fails fast with the key's name instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"  # transformer | lstm
+    n_layer: int = 4  # Transformer blocks, or stacked LSTM layers
+    n_head: int = 4  # attention heads; must divide d_model
+    d_model: int = 128  # residual stream width (LSTM: embedding and hidden size)
+    block_size: int = 64  # longest token sequence the model sees
+    vocab_size: int = 512  # BPE vocabulary to train; resolved to the tokenizer's real size
+    dropout: float = 0.1
+    tie_weights: bool = True  # LM head shares the token embedding (module-level tying only)
+    num_classes: int = 0  # classification: resolved from the training labels
+
+
+@dataclass
+class DataConfig:
+    format: str = "auto"  # auto | csv | jsonl | txt (auto: from the file extension)
+    text_col: str = "text"
+    label_col: str = "label"
+    user_col: str = ""  # empty: no users; set it to split by user (and for user-level DP)
+    group_cols: list[str] = field(default_factory=list)  # demographic columns carried to predictions
+    id_col: str = "example_id"  # generated as row numbers when the column is absent
+    split_col: str = "split"  # if present, values train/val/test decide the split
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    text_mode: str = "auto"  # .txt only: lines (one example a line) | running (blank-line paragraphs)
+    empty_group: str = "unknown"  # unknown: empty group values become "unknown" | error
+    labels: list[str] = field(default_factory=list)  # classification: resolved, sorted label names
+
+
+@dataclass
+class TrainConfig:
+    task: str = "lm"  # lm | classify
+    epochs: int = 3
+    max_steps: int = 0  # 0: no cap; otherwise stop after this many optimizer steps
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1
+    grad_clip: float = 1.0  # global gradient-norm clip for non-private training; 0 disables
+    seed: int = 0
+    checkpoint_every: int = 200  # optimizer steps between resume checkpoints (and every epoch end)
+    log_every: int = 10  # optimizer steps between metrics.jsonl step records
+    eval_batch_size: int = 64
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    progress: str = "auto"  # auto (bar on a terminal only) | on | off
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"  # prv | rdp
+    unit: str = "example"  # example | user
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+}
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any], *, source: str = "config") -> Config:
+        cfg = cls()
+        cfg.update(tree, source=source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+        """Defaults, then a TOML or JSON file, then ``section.key=value`` overrides; validated."""
+        cfg = cls()
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist; pass an existing .toml file")
+            try:
+                if p.suffix == ".json":
+                    tree = json.loads(p.read_text(encoding="utf-8"))
+                else:
+                    tree = tomllib.loads(p.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot parse config file {p}: {e}") from None
+            cfg.update(tree, source=str(p))
+        for item in overrides or []:
+            cfg.set(item)
+        cfg.validate()
+        return cfg
+
+    def update(self, tree: dict[str, Any], *, source: str = "config") -> None:
+        for section, values in tree.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r} in {source}; "
+                                  f"known: {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} in {source} must be a table")
+            for key, value in values.items():
+                self._assign(section, key, value, from_text=False)
+
+    def set(self, item: str) -> None:
+        """Apply one ``section.key=value`` override (the value is parsed by the field's type)."""
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. train.lr=0.001")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        self._assign(section, key, value.strip(), from_text=True)
+
+    def _assign(self, section: str, key: str, value: Any, *, from_text: bool) -> None:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}; known: {', '.join(SECTIONS)}")
+        obj = getattr(self, section)
+        names = [f.name for f in dataclasses.fields(obj)]
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {section}.{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {section}.{key}{hint}")
+        hint_type = typing.get_type_hints(type(obj))[key]
+        setattr(obj, key, _coerce(f"{section}.{key}", value, hint_type, from_text))
+
+    # ---- checks ---------------------------------------------------------------------------
+    def validate(self) -> Config:
+        m, d, t, p = self.model, self.data, self.train, self.privacy
+        _choice("model.arch", m.arch, ("transformer", "lstm"))
+        _choice("data.format", d.format, ("auto", "csv", "jsonl", "txt"))
+        _choice("data.text_mode", d.text_mode, ("auto", "lines", "running"))
+        _choice("data.empty_group", d.empty_group, ("unknown", "error"))
+        _choice("train.task", t.task, ("lm", "classify"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.progress", t.progress, ("auto", "on", "off"))
+        _choice("privacy.accountant", p.accountant, ("prv", "rdp"))
+        _choice("privacy.unit", p.unit, ("example", "user"))
+        positive = {
+            "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
+            "model.block_size": m.block_size, "train.batch_size": t.batch_size,
+            "train.lr": t.lr, "train.eval_batch_size": t.eval_batch_size,
+            "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}={value} must be > 0")
+        nonneg = {"train.epochs": t.epochs, "train.max_steps": t.max_steps,
+                  "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
+                  "train.grad_clip": t.grad_clip, "train.num_threads": t.num_threads}
+        for key, value in nonneg.items():
+            if value < 0:
+                raise ConfigError(f"{key}={value} must be >= 0")
+        if t.epochs == 0 and t.max_steps == 0:
+            raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
+        if m.vocab_size < 260:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 260 "
+                              "(256 byte symbols plus special tokens)")
+        if m.d_model % m.n_head:
+            raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
+                              f"model.n_head={m.n_head}; pick a head count that divides it")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if not 0.0 <= t.lr_min_ratio <= 1.0:
+            raise ConfigError(f"train.lr_min_ratio={t.lr_min_ratio} must be in [0, 1]")
+        for key in ("val_frac", "test_frac"):
+            v = getattr(d, key)
+            if not 0.0 <= v < 0.5:
+                raise ConfigError(f"data.{key}={v} must be in [0, 0.5)")
+        return self
+
+    # ---- output ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _coerce(key: str, value: Any, hint: Any, from_text: bool) -> Any:
+    """Parse ``value`` as the field type ``hint``; raise ConfigError naming ``key`` otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # `float | None`
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        if value is None or (from_text and str(value).lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, value, inner, from_text)
+    if origin is list:
+        if from_text and isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise ConfigError(f"{key} must be a list of names (comma-separated with --set)")
+        return [str(v) for v in items]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except ValueError:
+        pass
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}={value!r} is not a valid {name}")

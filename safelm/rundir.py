@@ -1,0 +1,113 @@
+"""The run dir: weights, config, tokenizer, metrics and resume state, written crash-safely.
+
+Layout (DESIGN.md)::
+
+    model.safetensors   latest weights (unwrapped: no Opacus ``_module.`` prefix)
+    config.json         the full resolved config
+    tokenizer.json      the byte-level BPE tokenizer
+    metrics.jsonl       one JSON object per logged step / evaluation
+    resume/             model, optimizer, scheduler, RNG states, data position (+ accountant)
+
+Every file is written to a temporary name and renamed, so a killed or failed command never
+leaves a half-written file. ``resume/`` is several files that must agree with each other, so it
+is built whole in ``resume.tmp/`` and swapped in with two renames; if a kill lands between them,
+``resume.old/`` is complete and is used. Nothing is unpickled: weights are safetensors, and the
+optimizer and RNG states load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from .config import Config
+from .errors import UserError
+
+WEIGHTS, CONFIG, TOKENIZER, METRICS, RESUME = (
+    "model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "resume")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside Opacus' GradSampleModule / DDP wrappers."""
+    while hasattr(model, "_module") or hasattr(model, "module"):
+        model = getattr(model, "_module", None) or getattr(model, "module")
+    return model
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """safetensors of the unwrapped model (tied weights stored once)."""
+    tmp = f"{path}.tmp"
+    save_model(unwrap(model), tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    missing, unexpected = load_model(unwrap(model), str(path), strict=True)
+    if missing or unexpected:  # strict=True raises first; kept for clarity
+        raise UserError(f"{path}: weights do not match the model in config.json")
+
+
+def save_resume(run_dir: Path, model: nn.Module, tensors: dict[str, Any],
+                state: dict[str, Any]) -> None:
+    """Write ``resume/`` whole or not at all (see module docstring)."""
+    tmp, cur, old = run_dir / f"{RESUME}.tmp", run_dir / RESUME, run_dir / f"{RESUME}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(unwrap(model), str(tmp / WEIGHTS))
+    torch.save(tensors, tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    shutil.rmtree(old, ignore_errors=True)
+    if cur.exists():
+        os.replace(cur, old)
+    os.replace(tmp, cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume(run_dir: Path) -> Path | None:
+    for name in (RESUME, f"{RESUME}.old"):
+        d = run_dir / name
+        if (d / "state.json").is_file():
+            return d
+    return None
+
+
+def load_resume(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    d = find_resume(run_dir)
+    if d is None:
+        raise UserError(f"{run_dir}: no resume state (resume/state.json); start a new run "
+                        "without --resume")
+    tensors = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
+    state = json.loads((d / "state.json").read_text())
+    return d, tensors, state
+
+
+def read_config(run_dir: str | Path) -> Config:
+    p = Path(run_dir)
+    if not (p / CONFIG).is_file():
+        raise UserError(f"{p}: not a SafeLM run dir (no {CONFIG}); pass the --out of "
+                        "'safelm train'")
+    return Config.from_dict(json.loads((p / CONFIG).read_text()), source=str(p / CONFIG))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    p = Path(run_dir) / METRICS
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -1,0 +1,61 @@
+"""Byte-level BPE trained on the training split with HF ``tokenizers``.
+
+Byte-level means the 256 byte symbols are always in the vocabulary, so any string (emoji,
+other scripts, control characters) is encodable and decodes back exactly; nothing is
+downloaded. Only the training split is seen, so validation and test text cannot leak into the
+vocabulary (which matters for membership audits on held-out rows).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL = ("<pad>", "<bos>", "<eos>")
+
+
+class Tokenizer:
+    """A thin wrapper that knows SafeLM's special tokens."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in SPECIAL)
+        if None in (self.pad_id, self.bos_id, self.eos_id):
+            raise ValueError("tokenizer lacks SafeLM's special tokens <pad>, <bos>, <eos>")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        tmp = f"{path}.tmp"
+        self.hf.save(tmp)
+        os.replace(tmp, path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)

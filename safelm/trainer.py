@@ -1,0 +1,292 @@
+"""One Trainer for central, private and federated training.
+
+``train_one_epoch`` and ``evaluate`` are the only training and evaluation code in SafeLM: a
+federated client calls them for its local epochs, and differential privacy wraps the model,
+optimizer and data loader they use (Opacus style) instead of forking the loop. A ``privacy``
+object, when given, is asked once for private look-alikes of the three; the loop then runs
+unchanged.
+
+Exact resume: the data order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone,
+and a checkpoint stores the position in it together with the optimizer, scheduler and RNG
+states, so a run killed at any point and resumed from its last checkpoint takes the same steps
+as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from . import rundir
+from .config import TrainConfig
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled batches whose order depends only on ``(seed, epoch)``; can start mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.start, len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+class Privacy(Protocol):
+    """What the Trainer needs from a privacy engine (see ``safelm.privacy``)."""
+
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     data_loader: DataLoader) -> tuple[nn.Module, Any, DataLoader]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+        raise UserError("train.device=cuda but no CUDA device is available; use train.device=auto")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_loss(model: nn.Module, batch, task: str) -> tuple[torch.Tensor, int]:
+    """Mean loss of a batch and the number of units it averages over (tokens or examples)."""
+    x, y, lengths, labels = batch
+    if task == "lm":
+        logits = model(x)  # [B, T, V]
+        n = int((y != -100).sum())
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        return loss, n
+    logits = model(x, lengths)  # [B, n_classes]
+    return F.cross_entropy(logits, labels), x.shape[0]
+
+
+def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean F1 over the classes present in truth or prediction (sklearn's macro)."""
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((y_pred == c) & (y_true == c)).sum())
+        fp = int(((y_pred == c) & (y_true != c)).sum())
+        fn = int(((y_pred != c) & (y_true == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s) if f1s else 0.0
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set`` with AdamW and a warm-up + cosine schedule."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: Dataset,
+                 val_set: Dataset | None = None, *, run_dir: str | Path | None = None,
+                 privacy: Privacy | None = None, num_classes: int = 0):
+        self.cfg, self.task, self.num_classes = cfg, cfg.task, num_classes
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = pick_device(cfg.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(cfg.seed)
+        self.model = model.to(self.device)
+        self.train_set, self.val_set = train_set, val_set
+        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.steps_per_epoch = len(self.sampler)
+        epochs_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = (min(cfg.max_steps, epochs_steps) if cfg.max_steps and cfg.epochs
+                            else cfg.max_steps or epochs_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps,
+                                                cfg.lr_min_ratio))
+        self.privacy = privacy
+        if privacy is not None:
+            self.model, self.optimizer, self.loader = privacy.make_private(
+                self.model, self.optimizer, self.loader)
+        self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def _progress(self, total: int, initial: int, desc: str) -> tqdm:
+        mode = self.cfg.progress
+        show = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not show,
+                    dynamic_ncols=True, leave=False)
+
+    def train_one_epoch(self, epoch: int, start: int = 0,
+                        on_step=None) -> dict[str, float]:
+        """One pass over the training set from batch ``start``; returns mean loss and rate.
+
+        ``on_step(trainer)`` runs after each optimizer step (logging, checkpoints, budget).
+        Stops early when ``train.max_steps`` is reached.
+        """
+        self.model.train()
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch, start)
+        loss_sum, units, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+        bar = self._progress(self.steps_per_epoch, start, f"epoch {epoch + 1}")
+        self.step_in_epoch = start
+        for batch in self.loader:
+            if self.global_step >= self.total_steps:
+                break
+            batch = self._to_device(batch)
+            loss, n = batch_loss(self.model, batch, self.task)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.privacy is None and self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            loss_sum += float(loss.detach()) * n
+            units += n
+            tokens += int(batch[2].sum())
+            self.last_loss = float(loss.detach())
+            bar.update(1)
+            if bar.n % 10 == 0:
+                bar.set_postfix(loss=f"{self.last_loss:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(self)
+        bar.close()
+        dt = time.perf_counter() - t0
+        return {"train_loss": loss_sum / max(units, 1), "tokens_per_s": tokens / max(dt, 1e-9),
+                "seconds": dt}
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
+        """Loss (+ perplexity for LM, accuracy and macro-F1 for classification)."""
+        dataset = dataset if dataset is not None else self.val_set
+        if dataset is None or len(dataset) == 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, units, preds, truth = 0.0, 0, [], []
+        for batch in DataLoader(dataset, batch_size=self.cfg.eval_batch_size):
+            x, y, lengths, labels = self._to_device(batch)
+            if self.task == "lm":
+                logits = self.model(x)
+                loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                  ignore_index=-100, reduction="sum"))
+                units += int((y != -100).sum())
+            else:
+                logits = self.model(x, lengths)
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                units += x.shape[0]
+                preds.append(logits.argmax(-1).cpu())
+                truth.append(labels.cpu())
+        self.model.train(was_training)
+        loss = loss_sum / max(units, 1)
+        if self.task == "lm":
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        y_pred, y_true = torch.cat(preds), torch.cat(truth)
+        return {"loss": loss, "accuracy": float((y_pred == y_true).float().mean()),
+                "macro_f1": macro_f1(y_true, y_pred, self.num_classes)}
+
+    # ---- fit: epochs, logging, checkpoints, resume -----------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.run_dir is not None:
+            with open(self.run_dir / rundir.METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _on_step(self, trainer: Trainer) -> None:
+        cfg = self.cfg
+        if self.global_step % cfg.log_every == 0:
+            self.log({"kind": "step", "step": self.global_step, "epoch": self.epoch,
+                      "loss": self.last_loss, "lr": self.scheduler.get_last_lr()[0]})
+        if self.global_step % cfg.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
+            self.checkpoint()
+
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train to ``total_steps``; evaluate, log and checkpoint at every epoch end."""
+        start_epoch, start = 0, 0
+        if resume:
+            start_epoch, start = self.restore()
+        final: dict[str, float] = {}
+        epoch = start_epoch
+        while self.global_step < self.total_steps:
+            stats = self.train_one_epoch(epoch, start, on_step=self._on_step)
+            start = 0
+            val = {f"val_{k}": v for k, v in self.evaluate().items()}
+            final = {"epoch": epoch + 1, "step": self.global_step, **stats, **val}
+            self.log({"kind": "epoch", **final})
+            epoch += 1
+            self.epoch, self.step_in_epoch = epoch, 0
+            self.checkpoint()
+        return final
+
+    def state_tensors(self) -> dict[str, Any]:
+        tensors = {"optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(),
+                   "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return tensors
+
+    def checkpoint(self) -> None:
+        """Publish the weights and write ``resume/`` (position = next batch to train)."""
+        if self.run_dir is None:
+            return
+        epoch, pos = self.epoch, self.step_in_epoch
+        if pos >= self.steps_per_epoch:
+            epoch, pos = epoch + 1, 0
+        state = {"global_step": self.global_step, "epoch": epoch, "step_in_epoch": pos,
+                 "total_steps": self.total_steps}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        rundir.save_resume(self.run_dir, self.model, self.state_tensors(), state)
+        rundir.save_weights(self.model, self.run_dir / rundir.WEIGHTS)
+
+    def restore(self) -> tuple[int, int]:
+        """Load ``resume/``; drop metrics logged after it; return (epoch, batch position)."""
+        d, tensors, state = rundir.load_resume(self.run_dir)
+        rundir.load_weights(self.model, d / rundir.WEIGHTS)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["rng_cpu"])
+        if "rng_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["rng_cuda"])
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+        self.global_step = state["global_step"]
+        kept = [r for r in rundir.read_metrics(self.run_dir) if r.get("step", 0) <= self.global_step]
+        rundir.atomic_write_text(self.run_dir / rundir.METRICS,
+                                 "".join(json.dumps(r) + "\n" for r in kept))
+        self.history = kept
+        return state["epoch"], state["step_in_epoch"]
