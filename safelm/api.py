@@ -93,6 +93,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
                             "that run or choose a new --out")
         prep = prepare(data_path, cfg)
         cfg.validate()
+    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone
     model = build_model(cfg.model, cfg.train.task)
     if privacy is None and cfg.privacy.enabled:
         raise UserError("privacy.enabled=true: DP-SGD training is not available in this "

@@ -118,7 +118,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_set, self.val_set = train_set, val_set
         self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler)
+        # A private generator: otherwise each new loader iterator draws a seed from the global
+        # RNG, which would shift dropout noise after a mid-epoch resume.
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -197,7 +200,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum, units, preds, truth = 0.0, 0, [], []
-        for batch in DataLoader(dataset, batch_size=self.cfg.eval_batch_size):
+        for batch in DataLoader(dataset, batch_size=self.cfg.eval_batch_size,
+                                generator=torch.Generator()):
             x, y, lengths, labels = self._to_device(batch)
             if self.task == "lm":
                 logits = self.model(x)
@@ -238,6 +242,9 @@ class Trainer:
         start_epoch, start = 0, 0
         if resume:
             start_epoch, start = self.restore()
+        else:  # the starting point, so that learning curves show how far training moved
+            self.log({"kind": "eval", "step": 0, "epoch": 0,
+                      **{f"val_{k}": v for k, v in self.evaluate().items()}})
         final: dict[str, float] = {}
         epoch = start_epoch
         while self.global_step < self.total_steps:

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny data files and configs so unit tests train in seconds."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
+        "model.vocab_size=300", "model.dropout=0.1", "train.batch_size=8", "train.warmup_steps=2",
+        "train.log_every=1", "train.progress=off"]
+
+POS = ["great", "wonderful", "lovely", "excellent", "superb", "pleasant"]
+NEG = ["awful", "terrible", "bad", "boring", "dreadful", "poor"]
+
+
+def write_cls_csv(path: Path, n: int = 120, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["example_id", "text", "label", "gender", "user"])
+        for i in range(n):
+            pos = rng.random() < 0.5
+            words = POS if pos else NEG
+            w.writerow([f"e{i}", f"the film was {rng.choice(words)} and the food "
+                        f"{rng.choice(words)}", "positive" if pos else "negative",
+                        rng.choice(["female", "male"]), f"u{i % 17}"])
+    return path
+
+
+def write_lm_txt(path: Path, n: int = 80, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    sents = ["the cat sat on the mat.", "a dog ran to the park.", "she smiled at him.",
+             "they ate bread and soup.", "the sun was warm today."]
+    path.write_text("\n\n".join(" ".join(rng.choice(sents) for _ in range(4)) for _ in range(n))
+                    + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cls_csv(tmp_path: Path) -> Path:
+    return write_cls_csv(tmp_path / "cls.csv")
+
+
+@pytest.fixture
+def lm_txt(tmp_path: Path) -> Path:
+    return write_lm_txt(tmp_path / "lm.txt")

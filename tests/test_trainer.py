@@ -1,0 +1,148 @@
+"""Trainer: determinism, exact resume (in-process crash and a real SIGKILL), schedule, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safelm import Config, train_run
+from safelm.trainer import EpochBatchSampler, lr_factor, macro_f1
+from conftest import TINY
+
+
+def tiny_cfg(*extra: str, task: str = "lm") -> Config:
+    cfg = Config.load(None, TINY + [f"train.task={task}", *extra])
+    return cfg
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 100, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warm-up
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_sampler_is_a_permutation_and_resumes_mid_epoch():
+    s = EpochBatchSampler(23, 5, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    assert sorted(i for b in full for i in b) == list(range(23))
+    s.set_epoch(2, start=3)
+    assert list(s) == full[3:]
+    s.set_epoch(3)
+    assert list(s) != full
+
+
+def test_macro_f1_matches_hand_computation():
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    p = torch.tensor([0, 1, 1, 1, 2, 0])
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: tp1 fp0 fn1 -> 2/3
+    assert macro_f1(y, p, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path, cls_csv):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train_run(cls_csv, tiny_cfg("train.epochs=2", f"train.seed={seed}", task="classify"),
+                  tmp_path / name)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "a", tmp_path / "c")
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_in_process_equals_uninterrupted(tmp_path, lm_txt, monkeypatch):
+    extra = ("train.epochs=3", "train.checkpoint_every=4")
+    full = train_run(lm_txt, tiny_cfg(*extra), tmp_path / "full")
+    # Crash at step 11: after the step-8 checkpoint, mid-way through epoch 2.
+    import safelm.trainer as tr
+    orig = tr.Trainer._on_step
+
+    def crashing(self, trainer):
+        orig(self, trainer)
+        if self.global_step == 11:
+            raise Crash
+    monkeypatch.setattr(tr.Trainer, "_on_step", crashing)
+    with pytest.raises(Crash):
+        train_run(lm_txt, tiny_cfg(*extra), tmp_path / "cut")
+    state = json.loads((tmp_path / "cut/resume/state.json").read_text())
+    assert state["global_step"] == 8 and 0 < state["step_in_epoch"]
+    monkeypatch.setattr(tr.Trainer, "_on_step", orig)
+    resumed = train_run(lm_txt, None, tmp_path / "cut", resume=True)
+    assert_same_weights(tmp_path / "full", tmp_path / "cut", atol=1e-6)
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "cut/metrics.jsonl"))
+             if r["kind"] == "step"]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_metrics_and_validation_perplexity_fall(tmp_path, lm_txt):
+    final = train_run(lm_txt, tiny_cfg("train.epochs=4", "train.lr=3e-3"), tmp_path / "r")
+    recs = [json.loads(line) for line in open(tmp_path / "r/metrics.jsonl")]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert len(epochs) == 4
+    assert epochs[-1]["val_perplexity"] < 0.5 * epochs[0]["val_perplexity"]
+    assert final["test_perplexity"] > 1.0
+    assert {"loss", "lr", "step", "epoch"} <= set(recs[0])
+
+
+def test_max_steps_caps_training(tmp_path, cls_csv):
+    final = train_run(cls_csv, tiny_cfg("train.epochs=5", "train.max_steps=7", task="classify"),
+                      tmp_path / "r")
+    assert final["step"] == 7
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, lm_txt):
+    """A real `safelm train` killed with SIGKILL mid-epoch, then `--resume`d."""
+    args = ["--data", str(lm_txt), "--set", "train.epochs=3", "--set", "train.checkpoint_every=3"]
+    for s in TINY:
+        args += ["--set", s]
+    cmd = [sys.executable, "-m", "safelm.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "full")], check=True, env=env,
+                   capture_output=True)
+    run = tmp_path / "cut"
+    proc = subprocess.Popen(cmd + args + ["--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file, deadline, killed_at = run / "resume/state.json", time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.005)
+            continue
+        if state["epoch"] == 1 and state["step_in_epoch"] > 0:  # mid-way through epoch 2
+            proc.send_signal(signal.SIGKILL)
+            killed_at = state
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None, "training finished before it could be killed mid-epoch"
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(cmd + ["--data", str(lm_txt), "--out", str(run), "--resume"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(tmp_path / "full", run, atol=1e-6)
