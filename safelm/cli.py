@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", choices=("sentiment", "sentiment-nobias", "stories"))
     c.add_argument("--out", required=True)
     c.add_argument("--n", type=int, help="rows (sentiment) or stories (stories)")
-    c.add_argument("--bias", type=float, default=0.5,
-                   help="planted bias strength for 'sentiment' (default 0.5)")
+    c.add_argument("--bias", type=float, default=0.8,
+                   help="planted bias strength for 'sentiment': the share of old women's "
+                   "positive training labels flipped to negative (default 0.8)")
     c.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -178,23 +179,23 @@ class Config:
             "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
         }
         for key, value in positive.items():
-            if value <= 0:
+            if not value > 0 or not math.isfinite(value):
                 raise ConfigError(f"{key}={value} must be > 0")
         nonneg = {"train.epochs": t.epochs, "train.max_steps": t.max_steps,
                   "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
                   "train.grad_clip": t.grad_clip, "train.num_threads": t.num_threads}
         for key, value in nonneg.items():
-            if value < 0:
+            if not value >= 0 or not math.isfinite(value):
                 raise ConfigError(f"{key}={value} must be >= 0")
         if t.epochs == 0 and t.max_steps == 0:
             raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
-        if m.vocab_size < 260:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 260 "
-                              "(256 byte symbols plus special tokens)")
+        if m.vocab_size < 259:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 259 "
+                              "(256 byte symbols plus 3 special tokens)")
         if m.d_model % m.n_head:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                               f"model.n_head={m.n_head}; pick a head count that divides it")
-        if not 0.0 <= m.dropout < 1.0:
+        if not 0.0 <= m.dropout < 1.0:  # (NaN fails these range checks too)
             raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
         if not 0.0 <= t.lr_min_ratio <= 1.0:
             raise ConfigError(f"train.lr_min_ratio={t.lr_min_ratio} must be in [0, 1]")

@@ -75,12 +75,19 @@ def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
 
 
 def _read_txt(text: str, mode: str, text_col: str) -> pd.DataFrame:
+    lines = text.strip().splitlines()
     if mode == "auto":
-        mode = "running" if any(not ln.strip() for ln in text.strip().splitlines()) else "lines"
-    if mode == "running":
-        parts = [" ".join(p.split()) for p in text.split("\n\n")]
-    else:
-        parts = [ln.strip() for ln in text.splitlines()]
+        mode = "running" if any(not ln.strip() for ln in lines) else "lines"
+    if mode == "lines":
+        parts = [ln.strip() for ln in lines]
+    else:  # a paragraph ends at any blank (or whitespace-only) line
+        parts, cur = [], []
+        for ln in lines + [""]:
+            if ln.strip():
+                cur.append(ln.strip())
+            elif cur:
+                parts.append(" ".join(" ".join(cur).split()))
+                cur = []
     return pd.DataFrame({text_col: [p for p in parts if p]})
 
 

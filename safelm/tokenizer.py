@@ -23,6 +23,9 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
+        # User text containing "<eos>" is plain text, never the control token (this flag is
+        # not stored in tokenizer.json, so it is set on every load).
+        self.hf.encode_special_tokens = True
         self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in SPECIAL)
         if None in (self.pad_id, self.bos_id, self.eos_id):
             raise ValueError("tokenizer lacks SafeLM's special tokens <pad>, <bos>, <eos>")
@@ -55,7 +58,7 @@ class Tokenizer:
         return self.hf.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts)]
+        return [e.ids for e in self.hf.encode_batch(list(texts))]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

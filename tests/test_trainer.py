@@ -105,7 +105,9 @@ def test_metrics_and_validation_perplexity_fall(tmp_path, lm_txt):
     assert len(epochs) == 4
     assert epochs[-1]["val_perplexity"] < 0.5 * epochs[0]["val_perplexity"]
     assert final["test_perplexity"] > 1.0
-    assert {"loss", "lr", "step", "epoch"} <= set(recs[0])
+    assert recs[0]["kind"] == "eval" and recs[0]["step"] == 0  # the starting point
+    assert recs[0]["val_perplexity"] > epochs[0]["val_perplexity"]
+    assert {"loss", "lr", "step", "epoch"} <= set(next(r for r in recs if r["kind"] == "step"))
 
 
 def test_max_steps_caps_training(tmp_path, cls_csv):

@@ -1,0 +1,101 @@
+"""``safelm demo``: the embedded default, on the bundled synthetic corpus, in a few minutes.
+
+1. writes the bundled corpora to ``OUT/data`` (sentiment rows with a planted bias; stories),
+2. trains a small Transformer language model on the stories and prints its validation
+   perplexity before and after, and a few samples,
+3. trains a Transformer sentiment classifier and prints its test accuracy, macro-F1 and
+   accuracy per demographic group (where the planted bias shows),
+4. writes the classifier's predictions table for the test split.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import corpus, rundir
+from .api import generate, load_run, predictions_table, train_run, write_csv
+from .config import Config
+from .errors import UserError
+
+LM_SETTINGS = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "model.block_size=64",
+               "model.vocab_size=512", "model.dropout=0.0", "train.epochs=8", "train.lr=2e-3",
+               "train.batch_size=32", "train.warmup_steps=30", "train.checkpoint_every=100000"]
+CLS_SETTINGS = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.block_size=32",
+                "model.vocab_size=512", "train.epochs=6", "train.lr=2e-3", "train.batch_size=32",
+                "train.task=classify", "train.checkpoint_every=100000",
+                "data.group_cols=gender,age_group,region", "data.user_col=user"]
+QUICK = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.epochs=1",
+         "model.vocab_size=300"]
+PROMPTS = ["Once upon a time", "One rainy morning,", '"Can I help?"']
+GROUP_COLS = ["gender", "age_group"]
+BIAS = 0.8  # share of positive training labels of old women flipped to negative
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _fresh(path: Path) -> Path:
+    """A demo sub-folder from an earlier demo is replaced; anything else is refused."""
+    if path.exists():
+        if not (path / rundir.CONFIG).is_file():
+            raise UserError(f"{path} exists and is not a SafeLM run dir; choose another --out")
+        shutil.rmtree(path)
+    return path
+
+
+def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    data.mkdir(exist_ok=True)
+    stories, sentiment = data / "stories.txt", data / "sentiment.csv"
+    corpus.write_story_text(stories, n_stories=200 if quick else 1500)
+    corpus.write_sentiment_csv(sentiment, n=600 if quick else 6000, bias=BIAS)
+    print(f"SafeLM demo -> {out}")
+    print(f"bundled synthetic corpus: {stories} (stories), {sentiment} "
+          f"(sentiment, planted bias {BIAS} against old women in the training split)")
+
+    # ---- language model -------------------------------------------------------------------
+    progress = ["train.progress=auto"]
+    lm_cfg = Config.load(None, LM_SETTINGS + (QUICK if quick else []) + progress)
+    print("\n[1/2] language model: decoder-only Transformer on the stories")
+    lm_dir = _fresh(out / "lm")
+    final = train_run(stories, lm_cfg, lm_dir)
+    start = next(r for r in rundir.read_metrics(lm_dir) if r["kind"] == "eval")
+    print(f"  validation perplexity {start['val_perplexity']:.1f} -> "
+          f"{final['val_perplexity']:.2f} (test {final['test_perplexity']:.2f}), "
+          f"{final['tokens_per_s']:.0f} tokens/s")
+    run = load_run(lm_dir)
+    for i, prompt in enumerate(PROMPTS):
+        text = generate(run, prompt, max_new_tokens=40, temperature=0.8, top_k=40, seed=i)
+        print(f"  sample: {text!r}")
+
+    # ---- classifier -----------------------------------------------------------------------
+    print("\n[2/2] sentiment classifier: Transformer, split by user")
+    cls_cfg = Config.load(None, CLS_SETTINGS + (QUICK if quick else []) + progress)
+    cls_dir = _fresh(out / "classifier")
+    final_c = train_run(sentiment, cls_cfg, cls_dir)
+    print(f"  test accuracy {_fmt(final_c['test_accuracy'])}, "
+          f"macro-F1 {_fmt(final_c['test_macro_f1'])}")
+    table = predictions_table(load_run(cls_dir), sentiment, split="test")
+    preds = out / "predictions_test.csv"
+    write_csv(table, preds)
+    correct = (table["y_true"] == table["y_pred"])
+    by = (pd.DataFrame({"correct": correct, "positive": table["y_pred"] == "positive",
+                        **{c: table[c] for c in GROUP_COLS}})
+          .groupby(GROUP_COLS).agg(n=("correct", "size"), accuracy=("correct", "mean"),
+                                   predicted_positive=("positive", "mean")))
+    print("  test accuracy and predicted-positive rate by gender x age group "
+          "(the planted bias targets female x old):")
+    for line in by.round(3).to_string().splitlines():
+        print(f"    {line}")
+    print(f"\nruns: {lm_dir}  {cls_dir}")
+    print(f"predictions table: {preds}")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return {"lm_val_perplexity": final["val_perplexity"],
+            "classifier_test_accuracy": final_c["test_accuracy"]}
