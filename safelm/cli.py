@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError
+from .plugins import load_plugins
 
 EXIT_USAGE = 2
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planted bias strength for 'sentiment': the share of old women's "
                    "positive training labels flipped to negative (default 0.8)")
     c.add_argument("--seed", type=int, default=0)
+    for plugin in load_plugins():
+        if hasattr(plugin, "register"):
+            COMMANDS.update(plugin.register(sub))
     return parser
 
 
@@ -160,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "generate": cmd_generate,
+COMMANDS: dict[str, Any] = {"train": cmd_train, "predict": cmd_predict, "generate": cmd_generate,
             "demo": cmd_demo, "corpus": cmd_corpus}
 
 

@@ -20,6 +20,7 @@ from . import corpus, rundir
 from .api import generate, load_run, predictions_table, train_run, write_csv
 from .config import Config
 from .errors import UserError
+from .plugins import load_plugins
 
 LM_SETTINGS = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "model.block_size=64",
                "model.vocab_size=512", "model.dropout=0.0", "train.epochs=8", "train.lr=2e-3",
@@ -96,6 +97,12 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
         print(f"    {line}")
     print(f"\nruns: {lm_dir}  {cls_dir}")
     print(f"predictions table: {preds}")
+    ctx = {"out": out, "quick": quick, "data": {"stories": stories, "sentiment": sentiment},
+           "lm_run": lm_dir, "classifier_run": cls_dir, "predictions": preds,
+           "group_cols": cls_cfg.data.group_cols}
+    for plugin in load_plugins():
+        if hasattr(plugin, "demo_step"):
+            plugin.demo_step(ctx)
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return {"lm_val_perplexity": final["val_perplexity"],
             "classifier_test_accuracy": final_c["test_accuracy"]}
