@@ -96,8 +96,8 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone
     model = build_model(cfg.model, cfg.train.task)
     if privacy is None and cfg.privacy.enabled:
-        raise UserError("privacy.enabled=true: DP-SGD training is not available in this "
-                        "version yet; train without it (privacy.enabled=false)")
+        from .privacy import make_privacy  # imported lazily: Opacus start-up is slow
+        privacy = make_privacy(cfg, prep)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
         prep.tokenizer.save(out / rundir.TOKENIZER)

@@ -78,8 +78,11 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: str = "prv"  # prv | rdp
-    unit: str = "example"  # example | user
+    accountant: str = "prv"  # prv | rdp (gdp is not offered: it underestimates epsilon)
+    unit: str = "example"  # example | user (needs data.user_col)
+    grad_sample_mode: str = "auto"  # auto | bk | hooks | functorch | ew
+    max_physical_batch_size: int = 0  # 0: whole logical batches; else split (same accounting)
+    max_examples_per_user: int = 8  # unit=user: rows taken from each sampled user per step
 
 
 SECTIONS: dict[str, type] = {
@@ -172,6 +175,8 @@ class Config:
         _choice("train.progress", t.progress, ("auto", "on", "off"))
         _choice("privacy.accountant", p.accountant, ("prv", "rdp"))
         _choice("privacy.unit", p.unit, ("example", "user"))
+        _choice("privacy.grad_sample_mode", p.grad_sample_mode,
+                ("auto", "bk", "hooks", "functorch", "ew"))
         positive = {
             "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
             "model.block_size": m.block_size, "train.batch_size": t.batch_size,

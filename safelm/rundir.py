@@ -30,8 +30,9 @@ from safetensors.torch import load_model, save_model
 from .config import Config
 from .errors import UserError
 
-WEIGHTS, CONFIG, TOKENIZER, METRICS, RESUME = (
-    "model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "resume")
+WEIGHTS, CONFIG, TOKENIZER, METRICS, RESUME, PRIVACY = (
+    "model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "resume",
+    "privacy.json")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

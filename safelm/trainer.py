@@ -80,15 +80,23 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def batch_loss(model: nn.Module, batch, task: str) -> tuple[torch.Tensor, int]:
-    """Mean loss of a batch and the number of units it averages over (tokens or examples)."""
+    """Mean over the batch's rows of each row's own loss, and the number of rows.
+
+    A row's loss is its mean token NLL (LM) or its label's cross-entropy; it depends on that
+    row alone, which is what per-sample clipping (DP-SGD) needs. Padding rows (all targets
+    -100) have loss 0 and still count in the mean, as DP's user-level batches need; an empty
+    batch (Poisson sampling) gives a zero loss that still backpropagates.
+    """
     x, y, lengths, labels = batch
+    rows = max(x.shape[0], 1)
     if task == "lm":
         logits = model(x)  # [B, T, V]
-        n = int((y != -100).sum())
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        return loss, n
-    logits = model(x, lengths)  # [B, n_classes]
-    return F.cross_entropy(logits, labels), x.shape[0]
+        nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+        per_row = nll.sum(1) / (y != -100).sum(1).clamp(min=1)  # [B]
+    else:
+        logits = model(x, lengths)  # [B, n_classes]
+        per_row = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    return per_row.sum() / rows, x.shape[0]
 
 
 def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> float:
@@ -127,6 +135,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.privacy = privacy
+        if privacy is not None:  # private look-alikes; the loop below does not change
+            self.model, self.optimizer, self.loader = privacy.make_private(
+                self.model, self.optimizer, self.loader)
+            self.sampler = self.loader.batch_sampler
         self.steps_per_epoch = len(self.sampler)
         epochs_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = (min(cfg.max_steps, epochs_steps) if cfg.max_steps and cfg.epochs
@@ -134,10 +147,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps,
                                                 cfg.lr_min_ratio))
-        self.privacy = privacy
-        if privacy is not None:
-            self.model, self.optimizer, self.loader = privacy.make_private(
-                self.model, self.optimizer, self.loader)
+        self.stop_reason: str | None = None
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
 
@@ -167,6 +177,9 @@ class Trainer:
         for batch in self.loader:
             if self.global_step >= self.total_steps:
                 break
+            if self.privacy is not None and not self.privacy.can_step():
+                self.stop_reason = self.privacy.budget_message()
+                break
             batch = self._to_device(batch)
             loss, n = batch_loss(self.model, batch, self.task)
             self.optimizer.zero_grad(set_to_none=True)
@@ -179,7 +192,7 @@ class Trainer:
             self.step_in_epoch += 1
             loss_sum += float(loss.detach()) * n
             units += n
-            tokens += int(batch[2].sum())
+            tokens += int(batch[2][batch[3] != -100].sum())  # padding rows excluded
             self.last_loss = float(loss.detach())
             bar.update(1)
             if bar.n % 10 == 0:
@@ -247,7 +260,7 @@ class Trainer:
                       **{f"val_{k}": v for k, v in self.evaluate().items()}})
         final: dict[str, float] = {}
         epoch = start_epoch
-        while self.global_step < self.total_steps:
+        while self.global_step < self.total_steps and self.stop_reason is None:
             stats = self.train_one_epoch(epoch, start, on_step=self._on_step)
             start = 0
             val = {f"val_{k}": v for k, v in self.evaluate().items()}
@@ -256,6 +269,9 @@ class Trainer:
             epoch += 1
             self.epoch, self.step_in_epoch = epoch, 0
             self.checkpoint()
+        if self.stop_reason:
+            self.log({"kind": "stop", "step": self.global_step, "reason": self.stop_reason})
+            final["stopped"] = self.stop_reason
         return final
 
     def state_tensors(self) -> dict[str, Any]:
@@ -279,6 +295,8 @@ class Trainer:
             state["privacy"] = self.privacy.state_dict()
         rundir.save_resume(self.run_dir, self.model, self.state_tensors(), state)
         rundir.save_weights(self.model, self.run_dir / rundir.WEIGHTS)
+        if self.privacy is not None:  # the ledger always matches the published weights
+            rundir.atomic_write_json(self.run_dir / rundir.PRIVACY, self.privacy.ledger())
 
     def restore(self) -> tuple[int, int]:
         """Load ``resume/``; drop metrics logged after it; return (epoch, batch position)."""
