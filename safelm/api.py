@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import rundir
 from .config import Config
 from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
+from .distributed import init_from_env
 from .errors import UserError
 from .model import build_model
 from .tokenizer import Tokenizer
@@ -79,6 +80,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     overwritten; every check on data and config happens before the dir is created.
     """
     out = Path(out)
+    ddp = init_from_env()  # under torchrun: join the group; rank 0 alone writes the run dir
     sha = file_sha256(data_path) if Path(data_path).is_file() else None
     if resume:
         cfg = rundir.read_config(out)
@@ -88,7 +90,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
                             "differs); resume with the same --data")
         prep = prepare(data_path, cfg, Tokenizer.load(out / rundir.TOKENIZER))
     else:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if ddp.main and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue "
                             "that run or choose a new --out")
         prep = prepare(data_path, cfg)
@@ -98,7 +100,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     if privacy is None and cfg.privacy.enabled:
         from .privacy import make_privacy  # imported lazily: Opacus start-up is slow
         privacy = make_privacy(cfg, prep)
-    if not resume:
+    if not resume and ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         prep.tokenizer.save(out / rundir.TOKENIZER)
         rundir.atomic_write_text(out / rundir.CONFIG, cfg.to_json() + "\n")
@@ -107,8 +109,15 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             "rows": {k: len(v) for k, v in prep.splits.items()},
             "blocks": {k: int(e.input_ids.shape[0]) for k, e in prep.encoded.items()}})
     trainer = Trainer(model, cfg.train, prep.dataset("train"), prep.dataset("val"),
-                      run_dir=out, privacy=privacy, num_classes=cfg.model.num_classes)
-    final = trainer.fit(resume=resume)
+                      run_dir=out if ddp.main else None, privacy=privacy,
+                      num_classes=cfg.model.num_classes)
+    if resume and not ddp.main:
+        trainer.run_dir = out  # every rank restores the same state; only rank 0 writes
+        start = trainer.restore(write=False)
+        trainer.run_dir = None
+        final = trainer.fit(resume_from=start)
+    else:
+        final = trainer.fit(resume=resume)
     test = trainer.evaluate(prep.dataset("test"))
     final.update({f"test_{k}": v for k, v in test.items()})
     if test:

@@ -29,13 +29,15 @@ from tqdm import tqdm
 
 from . import rundir
 from .config import TrainConfig
+from .distributed import current
 
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled batches whose order depends only on ``(seed, epoch)``; can start mid-epoch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world  # under torchrun: this rank's slice of each batch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -48,7 +50,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         for b in range(self.start, len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
 
 
 class Privacy(Protocol):
@@ -64,7 +66,9 @@ class Privacy(Protocol):
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", current().local_rank)
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         from .errors import UserError
         raise UserError("train.device=cuda but no CUDA device is available; use train.device=auto")
@@ -125,7 +129,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
         self.train_set, self.val_set = train_set, val_set
-        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
+        ddp = current()
+        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed,
+                                         ddp.rank, ddp.world)
         # A private generator: otherwise each new loader iterator draws a seed from the global
         # RNG, which would shift dropout noise after a mid-epoch resume.
         self.loader = DataLoader(train_set, batch_sampler=self.sampler,
@@ -136,6 +142,8 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.privacy = privacy
+        if ddp.active and privacy is None:  # non-private data parallel: PyTorch's DDP
+            self.model = nn.parallel.DistributedDataParallel(self.model)
         if privacy is not None:  # private look-alikes; the loop below does not change
             self.model, self.optimizer, self.loader = privacy.make_private(
                 self.model, self.optimizer, self.loader)
@@ -250,12 +258,13 @@ class Trainer:
         if self.global_step % cfg.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self.checkpoint()
 
-    def fit(self, resume: bool = False) -> dict[str, float]:
+    def fit(self, resume: bool = False,
+            resume_from: tuple[int, int] | None = None) -> dict[str, float]:
         """Train to ``total_steps``; evaluate, log and checkpoint at every epoch end."""
-        start_epoch, start = 0, 0
+        start_epoch, start = resume_from or (0, 0)
         if resume:
             start_epoch, start = self.restore()
-        else:  # the starting point, so that learning curves show how far training moved
+        elif resume_from is None:  # the starting point, so learning curves show the progress
             self.log({"kind": "eval", "step": 0, "epoch": 0,
                       **{f"val_{k}": v for k, v in self.evaluate().items()}})
         final: dict[str, float] = {}
@@ -298,7 +307,7 @@ class Trainer:
         if self.privacy is not None:  # the ledger always matches the published weights
             rundir.atomic_write_json(self.run_dir / rundir.PRIVACY, self.privacy.ledger())
 
-    def restore(self) -> tuple[int, int]:
+    def restore(self, write: bool = True) -> tuple[int, int]:
         """Load ``resume/``; drop metrics logged after it; return (epoch, batch position)."""
         d, tensors, state = rundir.load_resume(self.run_dir)
         rundir.load_weights(self.model, d / rundir.WEIGHTS)
@@ -310,6 +319,8 @@ class Trainer:
         if self.privacy is not None and "privacy" in state:
             self.privacy.load_state_dict(state["privacy"])
         self.global_step = state["global_step"]
+        if not write:
+            return state["epoch"], state["step_in_epoch"]
         kept = [r for r in rundir.read_metrics(self.run_dir) if r.get("step", 0) <= self.global_step]
         rundir.atomic_write_text(self.run_dir / rundir.METRICS,
                                  "".join(json.dumps(r) + "\n" for r in kept))

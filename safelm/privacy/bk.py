@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.ddpoptimizer_fast_gradient_clipping import (
+    DistributedDPOptimizerFastGradientClipping)
 
 SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
@@ -217,9 +219,8 @@ class BKGradSampleModule(nn.Module):
         return norms
 
 
-class BKDPOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus' optimizer for pre-clipped gradients: it adds noise, scales, and steps the
-    accountant; this subclass first asks the BK module for the clipped sum."""
+class _ClipFirst:
+    """Asks the BK module for the clipped sum before Opacus' pre-step (noise, scale, hook)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, module: BKGradSampleModule,
                  **kwargs: Any):
@@ -229,3 +230,11 @@ class BKDPOptimizer(DPOptimizerFastGradientClipping):
     def pre_step(self, closure=None):
         self.bk_module.clip_and_sum()
         return super().pre_step(closure)
+
+
+class BKDPOptimizer(_ClipFirst, DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for pre-clipped gradients, fed by :class:`BKGradSampleModule`."""
+
+
+class BKDistributedDPOptimizer(_ClipFirst, DistributedDPOptimizerFastGradientClipping):
+    """The same under torchrun: noise on rank 0 only, clipped sums all-reduced (Opacus)."""

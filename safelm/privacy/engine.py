@@ -31,7 +31,10 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
 from ..config import PrivacyConfig
+from ..distributed import current
 from ..errors import UserError
 from . import bk
 from .users import UserBatchSampler, WithPadding, collate_with_padding
@@ -44,9 +47,11 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
     draws for epoch ``e`` come from a generator seeded by ``(seed, e)``, so a run resumed at
     batch ``start`` of an epoch continues with exactly the batches it would have drawn."""
 
-    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, seed: int):
+    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, seed: int,
+                 rank: int = 0, world: int = 1):
         super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
         self.seed, self.epoch, self.start = seed, 0, 0
+        self.rank, self.world = rank, world  # each rank keeps its shard of the global draw
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -56,7 +61,8 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
         for b in range(self.steps):
             mask = torch.rand(self.num_samples, generator=g) < self.sample_rate
             if b >= self.start:
-                yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
+                chosen = mask.nonzero(as_tuple=False).reshape(-1)
+                yield chosen[chosen % self.world == self.rank].tolist()
 
 
 def resolve_mode(model: nn.Module, mode: str) -> str:
@@ -113,13 +119,21 @@ class DifferentialPrivacy:
             raise UserError(f"the model has a layer Opacus cannot make private: {errors[0]}")
         self.mode = resolve_mode(module, self.cfg.grad_sample_mode)
         rows = self.rows_per_unit
+        ddp = current()
+        if ddp.active:
+            if self.mode != "bk" or self.users is not None:
+                raise UserError("DP under torchrun supports unit=example with "
+                                "grad_sample_mode=auto/bk (the Transformer)")
+            module = DPDDP(module)  # broadcast rank 0's initial weights
         common = dict(noise_multiplier=self.noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm,
-                      expected_batch_size=self.expected_batch_size, loss_reduction="mean")
+                      expected_batch_size=max(1, round(self.expected_batch_size / ddp.world)),
+                      loss_reduction="mean")
         if self.mode == "bk":
             wrapped = bk.BKGradSampleModule(module, self.cfg.max_grad_norm,
                                             rows_per_unit=rows if self.users is not None else None)
-            dp_opt = bk.BKDPOptimizer(optimizer, module=wrapped, **common)
+            cls = bk.BKDistributedDPOptimizer if ddp.active else bk.BKDPOptimizer
+            dp_opt = cls(optimizer, module=wrapped, **common)
         else:
             if self.users is not None:
                 raise UserError(f"privacy.unit={self.cfg.unit} with several blocks per unit "
@@ -139,7 +153,8 @@ class DifferentialPrivacy:
                                        seed=self.seed, rows_per_user=rows)
         else:
             sampler = PoissonBatchSampler(num_samples=self.n_units, sample_rate=self.sample_rate,
-                                          steps=steps, seed=self.seed)
+                                          steps=steps, seed=self.seed, rank=ddp.rank,
+                                          world=ddp.world)
         loader = DataLoader(dataset, batch_sampler=sampler,
                             collate_fn=collate_with_padding(dataset),
                             generator=torch.Generator().manual_seed(self.seed))
