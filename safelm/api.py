@@ -118,6 +118,8 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         final = trainer.fit(resume_from=start)
     else:
         final = trainer.fit(resume=resume)
+    if privacy is not None:
+        final.update({"epsilon": privacy.epsilon(), "delta": cfg.privacy.delta})
     test = trainer.evaluate(prep.dataset("test"))
     final.update({f"test_{k}": v for k, v in test.items()})
     if test:

@@ -119,7 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             setattr(cfg.data, key, value)
         cfg.validate()
     final = train_run(args.data, cfg, args.out, resume=args.resume)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
+    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v
+                      for k, v in final.items()}))
     print(f"run dir: {args.out}")
     return 0
 

@@ -5,7 +5,9 @@
    perplexity before and after, and a few samples,
 3. trains a Transformer sentiment classifier and prints its test accuracy, macro-F1 and
    accuracy per demographic group (where the planted bias shows),
-4. writes the classifier's predictions table for the test split.
+4. trains the same classifier with DP-SGD at epsilon 8 and prints its accuracy beside the
+   non-private one, then writes both predictions tables for the test split;
+5. runs the demo steps of installed plugins (the audits).
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from .errors import UserError
 from .plugins import load_plugins
 
 LM_SETTINGS = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "model.block_size=64",
-               "model.vocab_size=512", "model.dropout=0.0", "train.epochs=8", "train.lr=2e-3",
+               "model.vocab_size=512", "model.dropout=0.0", "train.epochs=6", "train.lr=2e-3",
                "train.batch_size=32", "train.warmup_steps=30", "train.checkpoint_every=100000"]
-CLS_SETTINGS = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.block_size=32",
-                "model.vocab_size=512", "train.epochs=6", "train.lr=2e-3", "train.batch_size=32",
-                "train.task=classify", "train.checkpoint_every=100000",
+# The classifier is small (one layer, d_model 32) so that its DP twin trains in the demo's
+# time; the same model, data and seed serve both (benchmarks/dp_utility.py for the table).
+CLS_SETTINGS = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32",
+                "model.vocab_size=512", "train.epochs=6", "train.lr=3e-3", "train.batch_size=256",
+                "train.warmup_steps=10", "train.task=classify", "train.checkpoint_every=100000",
                 "data.group_cols=gender,age_group,region", "data.user_col=user"]
+DP_SETTINGS = ["train.batch_size=1024", "train.epochs=8", "train.warmup_steps=5",
+               "privacy.enabled=true", "privacy.target_epsilon=8", "privacy.delta=1e-5",
+               "privacy.max_grad_norm=5.0"]
+N_SENTIMENT = 12000
 QUICK = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.epochs=1",
          "model.vocab_size=300"]
 PROMPTS = ["Once upon a time", "One rainy morning,", '"Can I help?"']
@@ -56,7 +64,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
     data.mkdir(exist_ok=True)
     stories, sentiment = data / "stories.txt", data / "sentiment.csv"
     corpus.write_story_text(stories, n_stories=200 if quick else 1500)
-    corpus.write_sentiment_csv(sentiment, n=600 if quick else 6000, bias=BIAS)
+    corpus.write_sentiment_csv(sentiment, n=1200 if quick else N_SENTIMENT, bias=BIAS)
     print(f"SafeLM demo -> {out}")
     print(f"bundled synthetic corpus: {stories} (stories), {sentiment} "
           f"(sentiment, planted bias {BIAS} against old women in the training split)")
@@ -64,7 +72,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
     # ---- language model -------------------------------------------------------------------
     progress = ["train.progress=auto"]
     lm_cfg = Config.load(None, LM_SETTINGS + (QUICK if quick else []) + progress)
-    print("\n[1/2] language model: decoder-only Transformer on the stories")
+    print("\n[1/3] language model: decoder-only Transformer on the stories")
     lm_dir = _fresh(out / "lm")
     final = train_run(stories, lm_cfg, lm_dir)
     start = next(r for r in rundir.read_metrics(lm_dir) if r["kind"] == "eval")
@@ -77,7 +85,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
         print(f"  sample: {text!r}")
 
     # ---- classifier -----------------------------------------------------------------------
-    print("\n[2/2] sentiment classifier: Transformer, split by user")
+    print("\n[2/3] sentiment classifier: Transformer, split by user")
     cls_cfg = Config.load(None, CLS_SETTINGS + (QUICK if quick else []) + progress)
     cls_dir = _fresh(out / "classifier")
     final_c = train_run(sentiment, cls_cfg, cls_dir)
@@ -95,10 +103,23 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
           "(the planted bias targets female x old):")
     for line in by.round(3).to_string().splitlines():
         print(f"    {line}")
-    print(f"\nruns: {lm_dir}  {cls_dir}")
-    print(f"predictions table: {preds}")
+
+    # ---- the same classifier with DP-SGD ----------------------------------------------------
+    print("\n[3/3] the same classifier trained with DP-SGD (Opacus; per-example, Poisson "
+          "sampling)")
+    dp_cfg = Config.load(None, CLS_SETTINGS + DP_SETTINGS + (QUICK if quick else []) + progress)
+    dp_dir = _fresh(out / "classifier-dp")
+    final_dp = train_run(sentiment, dp_cfg, dp_dir)
+    dp_preds = out / "predictions_test_dp.csv"
+    write_csv(predictions_table(load_run(dp_dir), sentiment, split="test"), dp_preds)
+    print(f"  test accuracy {_fmt(final_dp['test_accuracy'])} at epsilon "
+          f"{final_dp['epsilon']:.2f} (delta {dp_cfg.privacy.delta:g}) vs "
+          f"{_fmt(final_c['test_accuracy'])} without DP; ledger: {dp_dir / rundir.PRIVACY}")
+    print(f"\nruns: {lm_dir}  {cls_dir}  {dp_dir}")
+    print(f"predictions tables: {preds}  {dp_preds}")
     ctx = {"out": out, "quick": quick, "data": {"stories": stories, "sentiment": sentiment},
            "lm_run": lm_dir, "classifier_run": cls_dir, "predictions": preds,
+           "dp_classifier_run": dp_dir, "dp_predictions": dp_preds,
            "group_cols": cls_cfg.data.group_cols}
     for plugin in load_plugins():
         if hasattr(plugin, "demo_step"):

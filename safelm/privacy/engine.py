@@ -18,8 +18,10 @@ training loop itself does not change. What this module adds to Opacus:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
+import numpy as np
 import opacus
 import torch
 import torch.nn as nn
@@ -40,6 +42,10 @@ from . import bk
 from .users import UserBatchSampler, WithPadding, collate_with_padding
 
 MODES = ("auto", "bk", "hooks", "functorch", "ew")
+
+# Opacus' RDP search warns when its largest order is optimal; the bound stays valid (only
+# looser), so the warning is noise on every calibration.
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
 class PoissonBatchSampler(UniformWithReplacementSampler):
@@ -100,10 +106,11 @@ class DifferentialPrivacy:
         planned = min(planned, max_steps) if max_steps and epochs else (max_steps or planned)
         self.steps_planned = max(1, steps_planned or planned)
         if cfg.target_epsilon is not None:
-            self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
-                sample_rate=self.sample_rate, steps=self.steps_planned,
-                accountant=cfg.accountant, epsilon_tolerance=0.01)
+            with np.errstate(divide="ignore", invalid="ignore"):  # PRV at q=1 logs log(0)
+                self.noise_multiplier = get_noise_multiplier(
+                    target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
+                    sample_rate=self.sample_rate, steps=self.steps_planned,
+                    accountant=cfg.accountant, epsilon_tolerance=0.01)
         else:
             self.noise_multiplier = float(cfg.noise_multiplier)
         self.accountant = create_accountant(mechanism=cfg.accountant)
@@ -171,9 +178,12 @@ class DifferentialPrivacy:
             history.append((self.noise_multiplier, self.sample_rate, extra_steps))
         if not history:
             return 0.0
+        if any(s <= 0 for s, _, n in history if n):
+            return math.inf  # a noiseless step has no finite guarantee
         acc = create_accountant(mechanism=self.cfg.accountant)
         acc.history = history
-        return float(acc.get_epsilon(delta=self.cfg.delta))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(acc.get_epsilon(delta=self.cfg.delta))
 
     def can_step(self) -> bool:
         """False when one more step would take epsilon past ``privacy.target_epsilon``."""
@@ -198,8 +208,10 @@ class DifferentialPrivacy:
     # ---- ledger and state -----------------------------------------------------------------
     def ledger(self) -> dict[str, Any]:
         """privacy.json: enough to recompute epsilon with any accountant."""
+        eps = self.epsilon()
         return {
-            "epsilon": self.epsilon(), "delta": self.cfg.delta,
+            "epsilon": eps if math.isfinite(eps) else None,  # None: no guarantee (noise 0)
+            "delta": self.cfg.delta,
             "accountant": self.cfg.accountant, "unit": self.cfg.unit, "sampling": "poisson",
             "max_grad_norm": self.cfg.max_grad_norm,
             "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
