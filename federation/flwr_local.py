@@ -1,0 +1,170 @@
+"""Run ``flwr run .`` as a local simulation, offline, and clean up what it leaves behind.
+
+``flwr run`` against the local connection starts a detached background SuperLink (and its
+SuperExec) that outlives the command; tests and benchmarks must stop it, by PID. This helper:
+
+* builds the environment PLATFORM-NOTES.md asks for: ``FLWR_DISABLE_RUNTIME_DEPENDENCY_
+  INSTALLATION=1`` (else Flower installs the app's dependencies into a throwaway env at run
+  time, a multi-GB torch download), a private ``FLWR_HOME``, ``RAY_TMPDIR`` and
+  ``MPLCONFIGDIR``, and the venv's ``bin`` first on ``PATH`` (Flower spawns
+  ``flower-superlink`` and ``flwr-simulation`` by name);
+* gives the local SuperLink free ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` /
+  ``FLWR_LOCAL_CONTROL_API_PORT``), so a run never lands on someone else's SuperLink;
+* stops every process whose command line names this helper's private FLWR_HOME or RAY_TMPDIR
+  or its port (the SuperLink, its SuperExec and app processes, Ray daemons left after a
+  failure), by PID: TERM, then KILL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pids_mentioning(*needles: str) -> list[int]:
+    """PIDs (not ours) whose command line or environment contains any of ``needles``.
+
+    The environment catches processes whose command line names none of our paths (Ray
+    workers, Flower's app processes): they inherit FLWR_HOME / RAY_TMPDIR from the run.
+    """
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            text = b" ".join([(d / "cmdline").read_bytes(), (d / "environ").read_bytes()])
+        except OSError:
+            continue
+        if any(n.encode() in text for n in needles):
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def stop_pids(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM each PID, wait up to ``grace`` seconds, then SIGKILL the survivors."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if _alive(p)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is as good as gone
+
+
+class LocalSimulation:
+    """Context manager around ``flwr run <app> --stream`` with a private Flower home."""
+
+    def __init__(self, app_dir: str | Path, workdir: str | Path | None = None) -> None:
+        self.app_dir = Path(app_dir).resolve()
+        self._tmp = None if workdir else tempfile.mkdtemp(prefix="safelm-flwr-")
+        self.root = Path(workdir or self._tmp).resolve()
+        self.home = self.root / "flwr-home"
+        # Ray puts AF_UNIX sockets under RAY_TMPDIR, and those paths must stay < 108 bytes.
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        for d in (self.home, self.root / "mpl"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.ports = (free_port(), free_port())
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_HOME": str(self.home), "RAY_TMPDIR": str(self.ray_tmp),
+            "MPLCONFIGDIR": str(self.root / "mpl"), "MPLBACKEND": "Agg",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.ports[0]),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(self.ports[1]),
+            "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"})
+        return env
+
+    def run(self, run_config: str = "", *, num_supernodes: int = 4, cpus_per_client: int = 1,
+            timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """``flwr run . --stream``; output captured; raises TimeoutExpired after ``timeout``."""
+        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(self.app_dir), "--stream",
+               "--federation-config",
+               f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        return subprocess.run(cmd, cwd=self.app_dir, env=self.env(), text=True,
+                              capture_output=True, timeout=timeout)
+
+    @staticmethod
+    def crashed(res: subprocess.CompletedProcess[str]) -> bool:
+        """``flwr run --stream`` exits 0 even when the ServerApp or simulation failed; the
+        streamed log says so with an exit code line."""
+        log = res.stdout + res.stderr
+        return res.returncode != 0 or "Exit Code:" in log or "unhandled exception" in log
+
+    def leftover_pids(self) -> list[int]:
+        """SuperLink (names FLWR_HOME), SuperExec and app processes (name our port), Ray."""
+        return pids_mentioning(str(self.home), str(self.ray_tmp), f"127.0.0.1:{self.ports[0]}")
+
+    def stop(self) -> list[int]:
+        """Stop the background SuperLink and anything else started under our paths."""
+        pids = self.leftover_pids()
+        stop_pids(pids)
+        again = self.leftover_pids()  # children that appeared while the parent was stopping
+        stop_pids(again, grace=3.0)
+        return pids + again
+
+    def __enter__(self) -> LocalSimulation:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m federation.flwr_local stop [--flwr-home DIR]``: stop the background local
+    SuperLink (and its SuperExec/app processes) that ``flwr run`` left under that Flower home."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m federation.flwr_local",
+                                 description=main.__doc__)
+    ap.add_argument("command", choices=["stop"])
+    ap.add_argument("--flwr-home", default=os.environ.get("FLWR_HOME",
+                                                          str(Path.home() / ".flwr")))
+    args = ap.parse_args(argv)
+    home = str(Path(args.flwr_home).expanduser().resolve())
+    pids = [p for p in pids_mentioning(home + "/local-superlink", f"FLWR_HOME={home}")]
+    stop_pids(pids)
+    print(f"stopped {len(pids)} process(es) of the local SuperLink under {home}: {pids}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

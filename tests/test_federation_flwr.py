@@ -1,0 +1,44 @@
+"""`flwr run .` end to end: Flower's Ray simulation engine, offline, cleaned up by PID."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from federation.flwr_local import LocalSimulation
+from safelm import rundir
+from safelm.api import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_with_a_failing_and_a_hostile_client(tmp_path):
+    out = tmp_path / "global"
+    cfg = (f'out-dir="{out}" model.n_layer=1 model.d_model=32 model.n_head=4 '
+           'corpus-size=800 num-server-rounds=2 strategy="median" attack="signflip" '
+           'attack-clients="0" fail-clients="1" fail-rounds="1"')
+    with LocalSimulation(ROOT, tmp_path / "flwr") as sim:
+        try:
+            res = sim.run(cfg, num_supernodes=4, cpus_per_client=1, timeout=240)
+            log = res.stdout + res.stderr
+            (tmp_path / "log.txt").write_text(log)
+            assert not sim.crashed(res), log[-3000:]
+            assert sim.leftover_pids(), "the background SuperLink should still be running"
+        finally:
+            stopped = sim.stop()
+        assert stopped and not sim.leftover_pids()
+    assert "round 2/2" in log
+    recs = [r for r in rundir.read_metrics(out) if r["kind"] == "round"]
+    assert [r["round"] for r in recs] == [1, 2]
+    r1, r2 = recs
+    assert (r1["failures"], r1["replies"], r1["aggregated"]) == (1, 3, True), json.dumps(r1)
+    assert "injected failure" in r1["failed"][0]["reason"]
+    assert (r2["failures"], r2["replies"]) == (0, 4)
+    # each simulated client set torch's threads to its CPU allotment (1)
+    assert {c["threads"] for c in r2["clients"]} == {1}
+    assert sorted(c["partition-id"] for c in r2["clients"]) == [0, 1, 2, 3]
+    assert (out / "partitions.png").is_file()
+    assert load_run(out).cfg.train.task == "classify"

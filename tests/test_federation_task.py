@@ -1,0 +1,130 @@
+"""The task bridge: weights on the wire, FedProx through the one Trainer, attacks, counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from federation import fairness, task
+from federation.local import app_run_config
+from federation.settings import parse_run_config
+from safelm.api import Run, predictions_table
+from safelm.config import Config
+from safelm.trainer import batch_loss
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "corpus-size=600",
+        "client-threads=1", "model.dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg, fed = parse_run_config(app_run_config(PYPROJECT, TINY))
+    data = task.server_data(cfg, fed)
+    return data, fed
+
+
+def test_weights_round_trip_once_per_tied_tensor():
+    cfg = Config.load(None, ["model.n_layer=1", "model.d_model=32", "model.n_head=2",
+                             "model.vocab_size=300"])
+    model = task.new_model(cfg)  # LM: head.weight is tok_emb.weight
+    arrays = task.get_weights(model)
+    assert "head.weight" not in arrays and "tok_emb.weight" in arrays
+    other = task.new_model(Config.from_dict({**cfg.to_dict(), "train": {"seed": 7}}))
+    assert not torch.equal(other.tok_emb.weight, model.tok_emb.weight)
+    task.set_weights(other, arrays)
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert other.head.weight is other.tok_emb.weight  # tying survived
+
+
+def test_fedprox_hook_equals_the_proximal_loss_gradient(setup):
+    data, fed = setup
+    cfg = data.cfg
+    model = task.new_model(cfg)
+    cd = task.client_data(cfg, task.tokenizer_to_json(data.tokenizer), fed, 0, 3, {})
+    batch = next(iter(torch.utils.data.DataLoader(cd.train_set, batch_size=8)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    anchor = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():  # move away from the anchor so the proximal term is not zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mu = 0.3
+    # oracle: autograd of loss + mu/2 ||w - w_g||^2
+    model.zero_grad()
+    loss, _ = batch_loss(model, batch, "classify")
+    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+    (loss + mu / 2 * prox).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    # the hook path: plain loss, proximal gradient added by tensor hooks
+    model.zero_grad()
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in model.parameters()]
+        for p, a in zip(model.parameters(), anchor):
+            p.copy_(a)
+    handles = task._proximal_hooks(model, mu)  # anchors = current (global) weights
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), saved):
+            p.copy_(s)
+    loss, _ = batch_loss(model, batch, "classify")
+    loss.backward()
+    for h in handles:
+        h.remove()
+    for w, p in zip(want, model.parameters()):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+def test_poison_signflip_and_scale():
+    cfg = Config.load(None, ["model.n_layer=1", "model.d_model=16", "model.n_head=2",
+                             "model.vocab_size=300"])
+    g = task.get_weights(task.new_model(cfg))
+    w_model = task.new_model(cfg)
+    with torch.no_grad():
+        for p in w_model.parameters():
+            p.add_(1.0)
+    w = task.get_weights(w_model)
+    for attack, factor in (("signflip", -3.0), ("scale", 3.0)):
+        out = task.poison(g, w, attack, 3.0).to_torch_state_dict()
+        gs, ws = g.to_torch_state_dict(), w.to_torch_state_dict()
+        for k in ws:
+            torch.testing.assert_close(out[k] - gs[k], factor * (ws[k] - gs[k]))
+
+
+def test_group_counts_reproduce_the_central_predictions_table(setup, tmp_path):
+    """Summing two clients' counts gives exactly the per-group accuracy of the global
+    model's predictions table on the union of their rows (the fairness oracle)."""
+    data, fed = setup
+    cfg, tok = data.cfg, data.tokenizer
+    model = task.new_model(cfg)
+    tj = task.tokenizer_to_json(tok)
+    parts, rows = [], []
+    for pid in range(2):
+        cd = task.client_data(cfg, tj, fed, pid, 2, {})
+        metrics, counts = task.evaluate(model, cfg, tok, cd.val_rows, cd.val_enc)
+        assert set(metrics) == {"loss", "accuracy", "macro_f1"}
+        parts.append(counts)
+        rows.append(cd.val_rows)
+    got = {(m["column"], m["group"]): m for m in
+           fairness.group_metrics(fairness.add_counts(parts), "classify")}
+    union = pd.concat(rows, ignore_index=True)
+    f = tmp_path / "union.csv"
+    union.to_csv(f, index=False)
+    model.eval()
+    table = predictions_table(Run(cfg, tok, model, tmp_path), f)
+    table["correct"] = table["y_true"] == table["y_pred"]
+    table["pos"] = table["y_pred"] == cfg.data.labels[1]
+    for col in cfg.data.group_cols:
+        for value, g in table.groupby(col):
+            m = got[(col, value)]
+            assert m["n"] == len(g)
+            assert m["accuracy"] == pytest.approx(g["correct"].mean(), abs=1e-12)
+            assert m["selection_rate"] == pytest.approx(g["pos"].mean(), abs=1e-12)
+            assert m["nll"] == pytest.approx(g["nll"].mean(), rel=1e-6)
+    gaps = fairness.disparities(list(got.values()))
+    assert gaps["gender"]["accuracy_difference"] == pytest.approx(
+        table.groupby("gender")["correct"].mean().pipe(lambda s: s.max() - s.min()))
