@@ -36,7 +36,7 @@ CLS_SETTINGS = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.
 DP_SETTINGS = ["train.batch_size=1024", "train.epochs=8", "train.warmup_steps=5",
                "privacy.enabled=true", "privacy.target_epsilon=8", "privacy.delta=1e-5",
                "privacy.max_grad_norm=5.0"]
-N_SENTIMENT = 12000
+N_SENTIMENT = 20000
 QUICK = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.epochs=1",
          "model.vocab_size=300"]
 PROMPTS = ["Once upon a time", "One rainy morning,", '"Can I help?"']

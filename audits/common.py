@@ -1,0 +1,79 @@
+"""Helpers every audit shares: crash-safe writes, input hashes, library versions.
+
+Why here and not in ``safelm``: the audits may use only ``safelm``'s public API, and these few
+lines are not worth widening that API for. Every report file is written to a temporary name and
+renamed, so a failed or interrupted audit never leaves a half-written report next to a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from safelm.errors import UserError
+
+VERSIONED = ("safelm", "fairlearn", "numpy", "pandas", "scikit-learn", "scipy", "matplotlib",
+             "torch")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, streamed (prediction tables can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape an audit's numbers."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars become Python numbers and NaN/inf become ``null``
+    (JSON has no NaN, and a report must load in any JSON reader)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    """Create the report folder (reports in it are replaced file by file, atomically)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {p} exists and is a file; give a folder for the report")
+    p.mkdir(parents=True, exist_ok=True)
+    return p

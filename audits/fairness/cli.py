@@ -1,0 +1,96 @@
+"""``safelm audit fairness``: options and handler.
+
+Import-light on purpose (argparse only at module level): ``safelm`` builds its parser, and so
+imports this module, for every command, including ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .audit import Thresholds
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Audit a predictions table (from 'safelm predict' or any model) across "
+                     "demographic groups and their intersections; writes report.json, "
+                     "report.md and a self-contained report.html into --out.")
+    p.add_argument("--predictions", required=True, metavar="FILE",
+                   help="predictions CSV: example_id, y_true, y_pred, score | score_<class>, "
+                   "nll, n_tokens, group columns")
+    p.add_argument("--sensitive", required=True, metavar="COL[,COL...]",
+                   help="group columns; every column alone and their intersections are audited")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
+    p.add_argument("--pos-label", metavar="LABEL", help="binary tasks: the favourable/positive "
+                   "label (default: the second of the sorted labels, matching safelm's score = "
+                   "P(labels[1]))")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--ci", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--min-group-size", type=int, default=30,
+                   help="groups smaller than this are marked small (default 30); never dropped")
+    p.add_argument("--bins", type=int, default=10, help="calibration bins (default 10)")
+    p.add_argument("--difference-threshold", type=float, default=0.1,
+                   help="flag a difference whose interval lies beyond ±this (default 0.1)")
+    p.add_argument("--ratio-threshold", type=float, default=0.8,
+                   help="flag a selection-rate/perplexity ratio whose interval lies below this "
+                   "or above its inverse (default 0.8, the four-fifths rule)")
+    p.add_argument("--threshold", action="append", default=[], metavar="METRIC:KIND=VALUE",
+                   help="override one tolerance, e.g. tpr:difference=0.05 or "
+                   "accuracy:ratio=0.9; VALUE 'none' never flags it (repeatable)")
+    p.add_argument("--compare", metavar="BASELINE.csv", help="predictions of a baseline run "
+                   "(e.g. non-private) on the same rows: per-group change with paired intervals")
+    p.add_argument("--mitigate", metavar="CONSTRAINT[,...]", help="fit fairlearn's "
+                   "ThresholdOptimizer on --fit-predictions and report before/after: "
+                   "demographic_parity, equalized_odds")
+    p.add_argument("--fit-predictions", metavar="FILE",
+                   help="predictions on other rows (e.g. the val split) to fit --mitigate on")
+
+
+def parse_thresholds(args: argparse.Namespace) -> Thresholds:
+    from safelm.errors import UserError
+
+    from .audit import Thresholds
+    overrides: dict[tuple[str, str], float | None] = {}
+    for spec in args.threshold:
+        try:
+            key, value = spec.split("=", 1)
+            metric, kind = key.split(":", 1)
+            if kind not in ("difference", "ratio"):
+                raise ValueError
+            overrides[(metric.strip(), kind)] = (None if value.strip().lower() == "none"
+                                                 else float(value))
+        except ValueError:
+            raise UserError(f"--threshold {spec!r}: write METRIC:KIND=VALUE with KIND "
+                            "difference or ratio, e.g. tpr:difference=0.05") from None
+    return Thresholds(args.difference_threshold, args.ratio_threshold, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .audit import AuditSettings
+    from .pipeline import fairness_audit
+    settings = AuditSettings(n_boot=args.n_boot, ci=args.ci, seed=args.seed,
+                             min_group_size=args.min_group_size,
+                             thresholds=parse_thresholds(args))
+    mitigate = [c.strip() for c in args.mitigate.split(",") if c.strip()] if args.mitigate \
+        else None
+    report = fairness_audit(args.predictions, args.sensitive, args.out,
+                            pos_label=args.pos_label, settings=settings, n_bins=args.bins,
+                            compare=args.compare, mitigate=mitigate,
+                            fit_predictions=args.fit_predictions)
+    lines = report["summary"]["flagged"]
+    print(f"{report['summary']['n_flagged']} disparities flagged" if lines
+          else "no disparity flagged")
+    for s in lines[:8]:
+        print(f"  {s}")
+    if len(lines) > 8:
+        print(f"  ... and {len(lines) - 8} more (see the report)")
+    for m in report.get("mitigation") or []:
+        dp = m["disparities"]["demographic_parity_difference"]
+        print(f"  mitigation {m['constraint']}: demographic parity difference "
+              f"{dp['before']['value']:.3f} -> {dp['after']['value']:.3f}, accuracy cost "
+              f"{m['accuracy_cost']['value']:.3f}")
+    print(f"report: {report['_paths']['html']}")
+    return 0

@@ -1,0 +1,66 @@
+"""One call from a predictions file to a written report (what the CLI and the demo run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safelm.errors import UserError
+
+from .audit import AuditSettings, run_audit
+from .compare import compare as compare_tables
+from .mitigate import CONSTRAINTS, mitigate as mitigate_table
+from .report import complete, write_report
+from .table import load_predictions
+
+
+def fairness_audit(predictions: str | Path, sensitive: str | list[str],
+                   out: str | Path | None = None, *, pos_label: str | None = None,
+                   settings: AuditSettings | None = None, n_bins: int = 10,
+                   compare: str | Path | None = None, mitigate: list[str] | None = None,
+                   fit_predictions: str | Path | None = None) -> dict[str, Any]:
+    """Audit ``predictions`` by ``sensitive`` columns; write report.* into ``out`` if given.
+
+    Everything is computed before anything is written, so a failing audit leaves an
+    earlier report in ``out`` untouched. Returns the report dict (report.json's content),
+    with the written paths under ``"_paths"`` when ``out`` is given.
+    """
+    settings = settings or AuditSettings()
+    _check_settings(settings, n_bins)
+    pt = load_predictions(predictions, sensitive, pos_label=pos_label, n_bins=n_bins)
+    report = run_audit(pt, settings)
+    extra: dict[str, Any] = {}
+    if compare is not None:
+        base = load_predictions(compare, pt.sensitive, pos_label=pt.task.pos_label,
+                                n_bins=n_bins)
+        report["comparison"] = compare_tables(pt, base, settings)
+        extra["baseline_sha256"] = base.sha256
+    if mitigate:
+        bad = [c for c in mitigate if c not in CONSTRAINTS]
+        if bad:
+            raise UserError(f"--mitigate {bad[0]!r}: choose from {', '.join(CONSTRAINTS)}")
+        if fit_predictions is None:
+            raise UserError("--mitigate needs --fit-predictions FILE: predictions on other rows "
+                            "(e.g. 'safelm predict RUN --split val') to fit the thresholds on")
+        fit = load_predictions(fit_predictions, pt.sensitive, pos_label=pt.task.pos_label,
+                               n_bins=n_bins)
+        report["mitigation"] = [mitigate_table(pt, fit, c, settings) for c in mitigate]
+        extra["fit_predictions_sha256"] = fit.sha256
+    complete(report, pt, extra)
+    if out is not None:
+        report["_paths"] = {k: str(v) for k, v in write_report(report, out, pt).items()}
+    return report
+
+
+def _check_settings(st: AuditSettings, n_bins: int) -> None:
+    if st.n_boot < 10:
+        raise UserError(f"--n-boot {st.n_boot}: use at least 10 resamples (1000 recommended)")
+    if not 0.5 <= st.ci < 1:
+        raise UserError(f"--ci {st.ci}: give a confidence level in [0.5, 1), e.g. 0.95")
+    if st.min_group_size < 1:
+        raise UserError("--min-group-size must be >= 1")
+    if not 2 <= n_bins <= 100:
+        raise UserError("--bins must be in [2, 100]")
+    t = st.thresholds
+    if not 0 < t.ratio <= 1 or not t.difference >= 0:
+        raise UserError("--ratio-threshold must be in (0, 1] and --difference-threshold >= 0")

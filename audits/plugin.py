@@ -1,0 +1,118 @@
+"""The ``safelm audit`` command and the demo's audit step, plugged into ``safelm`` through
+the ``safelm.plugins`` entry point (see ``safelm/plugins.py``).
+
+``safelm audit`` has one sub-command per audit. Adding one (say ``privacy``) is one entry
+in :data:`AUDITS`: a name, a help line, a function adding its options to its parser and a
+handler returning the exit status. Option modules are imported here, so they import nothing
+heavy at module level (``safelm --help`` loads this file); handlers import what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from safelm.errors import UserError
+
+from .fairness import cli as fairness_cli
+from .lm_bias import cli as lm_bias_cli
+
+DEMO_ORDER = 10
+
+
+@dataclass(frozen=True)
+class Audit:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+AUDITS: list[Audit] = [
+    Audit("fairness", "bias audit of a predictions table: per-group metrics with intervals",
+          fairness_cli.add_arguments, fairness_cli.run),
+    Audit("lm-bias", "bias probes of a language-model run: counterfactual pairs, generations",
+          lm_bias_cli.add_arguments, lm_bias_cli.run),
+]
+
+
+def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`."""
+    p = subparsers.add_parser("audit", help="audit predictions or a run (fairness, LM bias)",
+                              description="Audits: " + ", ".join(a.name for a in AUDITS))
+    sub = p.add_subparsers(dest="audit_kind", metavar="AUDIT", parser_class=type(p))
+    for a in AUDITS:
+        sp = sub.add_parser(a.name, help=a.help)
+        a.add_arguments(sp)
+        sp.set_defaults(audit_handler=a.handler)
+    return {"audit": _dispatch}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    handler = getattr(args, "audit_handler", None)
+    if handler is None:
+        raise UserError("safelm audit needs one of: " + ", ".join(a.name for a in AUDITS)
+                        + "; e.g. 'safelm audit fairness --help'")
+    return handler(args)
+
+
+def _demo_dp(ctx: dict[str, Any], out: Path) -> None:
+    """DP x fairness: what DP cost each group, against the non-private classifier."""
+    from .fairness.audit import AuditSettings
+    from .fairness.pipeline import fairness_audit
+    print("\n[audit] what DP cost each group (DP classifier vs the non-private one)")
+    rep = fairness_audit(ctx["dp_predictions"], list(ctx["group_cols"]), out / "audit-dp",
+                         settings=AuditSettings(n_boot=300 if ctx.get("quick") else 1000),
+                         compare=ctx["predictions"])
+    pairs = [e for e in rep["comparison"]["by_group"] if e["slice"] in ("overall",
+                                                                       "gender*age_group")]
+    for e in sorted(pairs, key=lambda e: e["metrics"]["accuracy"]["change"])[:4]:
+        a = e["metrics"]["accuracy"]
+        print(f"    {e['label']}: accuracy {a['baseline']:.3f} -> {a['value']:.3f}, change "
+              f"{a['change']:+.3f} [{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}]")
+    ctx["dp_fairness_report"] = rep["_paths"]["html"]
+    print(f"  DP x fairness report: {rep['_paths']['html']}")
+
+
+def demo_step(ctx: dict[str, Any]) -> None:
+    """Audit the demo classifier's test predictions (mitigation fit on its val predictions),
+    compare the DP classifier with it when the demo trained one, and probe the demo language
+    model; print where the HTML reports are."""
+    from safelm.api import load_run, predictions_table, write_csv
+
+    from .fairness.audit import AuditSettings
+    from .fairness.pipeline import fairness_audit
+    from .lm_bias.audit import lm_bias_audit
+
+    out = Path(ctx["out"])
+    print("\n[audit] fairness of the sentiment classifier (test split)")
+    val = out / "predictions_val.csv"
+    write_csv(predictions_table(load_run(ctx["classifier_run"]), ctx["data"]["sentiment"],
+                                split="val"), val)
+    report = fairness_audit(ctx["predictions"], list(ctx["group_cols"]), out / "audit-fairness",
+                            settings=AuditSettings(n_boot=300 if ctx.get("quick") else 1000),
+                            mitigate=["demographic_parity", "equalized_odds"],
+                            fit_predictions=val)
+    lines = report["summary"]["flagged"]
+    print(f"  {report['summary']['n_flagged']} disparities flagged" if lines
+          else "  no disparity flagged")
+    for s in lines[:5]:
+        print(f"    {s}")
+    dp = report["mitigation"][0]["disparities"]["demographic_parity_difference"]
+    print(f"  thresholds (demographic parity): selection-rate gap {dp['before']['value']:.3f}"
+          f" -> {dp['after']['value']:.3f}, accuracy cost "
+          f"{report['mitigation'][0]['accuracy_cost']['value']:.3f}")
+    ctx["fairness_report"] = report["_paths"]["html"]
+    print(f"  fairness report: {report['_paths']['html']}")
+    if ctx.get("dp_predictions"):
+        _demo_dp(ctx, out)
+    print("\n[audit] bias probes of the language model")
+    lm = lm_bias_audit(ctx["lm_run"], out / "audit-lm-bias", classifier=ctx["classifier_run"],
+                       samples=2 if ctx.get("quick") else 4, max_new_tokens=20,
+                       n_boot=300 if ctx.get("quick") else 1000)
+    ctx["lm_bias_report"] = lm["_paths"]["html"]
+    for s in lm["summary"]["lines"][:4]:
+        print(f"    {s}")
+    print(f"  LM bias report: {lm['_paths']['html']}")
