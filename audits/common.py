@@ -7,7 +7,6 @@ renamed, so a failed or interrupted audit never leaves a half-written report nex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,18 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from safelm.errors import UserError
+from safelm.hashing import file_sha256
 
 VERSIONED = ("safelm", "fairlearn", "numpy", "pandas", "scikit-learn", "scipy", "matplotlib",
              "torch")
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, streamed (prediction tables can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256  # input hashes in every report (safelm's torch-free helper)
 
 
 def versions() -> dict[str, str]:

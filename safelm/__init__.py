@@ -10,11 +10,12 @@ from typing import Any
 # Public names and the module that defines each. Imported on first use, so that
 # `safelm --help` and `import safelm.errors` do not pay for torch and Opacus start-up.
 _EXPORTS = {
-    "api": ["Prepared", "Run", "file_sha256", "generate", "load_run", "predictions_table",
+    "api": ["Prepared", "Run", "generate", "load_run", "predictions_table",
             "prepare", "score_encoded", "train_run", "write_csv"],
     "config": ["Config", "DataConfig", "ModelConfig", "PrivacyConfig", "TrainConfig"],
     "data": ["BlockDataset", "Encoded", "encode_rows", "load_rows", "split_rows"],
     "errors": ["ConfigError", "DataError", "UserError"],
+    "hashing": ["file_sha256"],
     "model": ["LSTMModel", "Transformer", "build_model"],
     "tokenizer": ["Tokenizer"],
     "trainer": ["Trainer"],

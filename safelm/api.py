@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,19 +22,12 @@ from .config import Config
 from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
 from .distributed import init_from_env
 from .errors import UserError
+from .hashing import file_sha256
 from .model import build_model
 from .tokenizer import Tokenizer
 from .trainer import Trainer, pick_device
 
 DATA_INFO = "data.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
