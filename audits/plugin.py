@@ -18,6 +18,8 @@ from safelm.errors import UserError
 
 from .fairness import cli as fairness_cli
 from .lm_bias import cli as lm_bias_cli
+from .privacy import cli as privacy_cli
+from .release import cli as release_cli
 
 DEMO_ORDER = 10
 
@@ -35,11 +37,14 @@ AUDITS: list[Audit] = [
           fairness_cli.add_arguments, fairness_cli.run),
     Audit("lm-bias", "bias probes of a language-model run: counterfactual pairs, generations",
           lm_bias_cli.add_arguments, lm_bias_cli.run),
+    Audit("privacy", "membership-inference and canary audit of a run: attacks, empirical "
+          "epsilon vs the claim", privacy_cli.add_arguments, privacy_cli.run),
 ]
 
 
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`."""
+    """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`, and ``safelm release``
+    / ``safelm verify`` (audits/release)."""
     p = subparsers.add_parser("audit", help="audit predictions or a run (fairness, LM bias)",
                               description="Audits: " + ", ".join(a.name for a in AUDITS))
     sub = p.add_subparsers(dest="audit_kind", metavar="AUDIT", parser_class=type(p))
@@ -47,7 +52,15 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
         sp = sub.add_parser(a.name, help=a.help)
         a.add_arguments(sp)
         sp.set_defaults(audit_handler=a.handler)
-    return {"audit": _dispatch}
+    r = subparsers.add_parser("release", help="package a run as a release: weights, model "
+                              "card, manifest with hashes",
+                              description=release_cli.RELEASE_DESCRIPTION)
+    release_cli.add_release_arguments(r)
+    v = subparsers.add_parser("verify", help="check a release's hashes, schema and policy "
+                              "gates (exit 1 naming each failed gate)")
+    release_cli.add_verify_arguments(v)
+    return {"audit": _dispatch, "release": release_cli.run_release,
+            "verify": release_cli.run_verify}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -76,10 +89,36 @@ def _demo_dp(ctx: dict[str, Any], out: Path) -> None:
     print(f"  DP x fairness report: {rep['_paths']['html']}")
 
 
+def _demo_reweighted(ctx: dict[str, Any], out: Path, quick: bool) -> None:
+    """In-training mitigation: the reweighted classifier against the plain one, paired."""
+    from .fairness.audit import AuditSettings
+    from .fairness.pipeline import fairness_audit
+    print(f"\n[audit] in-training mitigation ({ctx['reweight_method']}) against the plain "
+          "classifier")
+    rep = fairness_audit(ctx["reweighted_predictions"], list(ctx["group_cols"]),
+                         out / "audit-reweighted",
+                         settings=AuditSettings(n_boot=300 if quick else 1000),
+                         unmitigated=ctx["predictions"], mitigation_method=ctx["reweight_method"])
+    m = rep["mitigation"][-1]
+    for key, v in m["disparities"].items():
+        print(f"    {key.replace('_', ' ')}: {v['before']['value']:.3f} -> "
+              f"{v['after']['value']:.3f} {_ci(v['after']['ci'])}")
+    cost = m["accuracy_cost"]
+    print(f"    accuracy cost {cost['value']:+.3f} {_ci(cost['ci'])} (negative: it gained)")
+    print(f"  {rep['summary']['n_flagged']} disparities flagged after mitigation")
+    ctx["reweighted_fairness_report"] = rep["_paths"]["html"]
+    print(f"  mitigation report: {rep['_paths']['html']}")
+
+
+def _ci(ci: list[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def demo_step(ctx: dict[str, Any]) -> None:
     """Audit the demo classifier's test predictions (mitigation fit on its val predictions),
-    compare the DP classifier with it when the demo trained one, and probe the demo language
-    model; print where the HTML reports are."""
+    compare the DP classifier with it when the demo trained one, probe the demo language
+    model, audit the DP classifier's privacy, release it and verify the release; print where
+    the HTML reports are."""
     from safelm.api import load_run, predictions_table, write_csv
 
     from .fairness.audit import AuditSettings
@@ -110,6 +149,8 @@ def demo_step(ctx: dict[str, Any]) -> None:
               f"{report['mitigation'][0]['accuracy_cost']['value']:.3f}")
     ctx["fairness_report"] = report["_paths"]["html"]
     print(f"  fairness report: {report['_paths']['html']}")
+    if ctx.get("reweighted_predictions"):
+        _demo_reweighted(ctx, out, quick)
     if ctx.get("dp_predictions"):
         _demo_dp(ctx, out)
     print("\n[audit] bias probes of the language model")
@@ -120,3 +161,7 @@ def demo_step(ctx: dict[str, Any]) -> None:
     for s in lm["summary"]["lines"][:4]:
         print(f"    {s}")
     print(f"  LM bias report: {lm['_paths']['html']}")
+    from .privacy.demo import demo_step as privacy_demo
+    from .release.demo import demo_step as release_demo
+    privacy_demo(ctx)  # membership inference against the DP classifier
+    release_demo(ctx)  # its release, verified against a policy, and the index page

@@ -10,12 +10,21 @@ embedding), AdamW, physical batches of 32 and 128 full blocks. Configurations:
 * ``opacus-ghost``: stock ghost clipping (it refuses tied weights, so untied, loss via its
   wrapped criterion).
 
-Each configuration runs in a fresh subprocess (so peak memory is its own): after imports the
-resident set size is the zero point; the model, optimizer state, activations and gradients of
-``--steps`` timed steps (after 3 warm-up steps) all count towards the peak (ru_maxrss).
-Configurations alternate over ``--repeats`` rounds and medians are reported.
+How it measures, identically for every configuration:
 
-Usage: python benchmarks/bench_dp.py [--steps 12] [--repeats 2] [--batches 32,128]
+* time: a fresh subprocess per configuration builds the plain model and the configuration's
+  model from the same initial weights and alternates their steps on the same batches; each
+  configuration step is timed right next to a plain step and the ratio of the pair is kept
+  (3 warm-up pairs, then ``--steps`` pairs; the run's ratio is the median). The machine this
+  runs on is shared, so pairing is what keeps other processes' load out of the ratio.
+* peak memory: another fresh subprocess per configuration runs ``--mem-steps`` steps alone;
+  its resident set size after imports is the zero point, and the high-water mark above it
+  (ru_maxrss: model, optimizer state, activations, gradients, DP bookkeeping) is its peak.
+* both are repeated ``--repeats`` rounds; the reported ratios are medians over rounds
+  (time: median of the runs' paired ratios; memory: median peak over median plain peak).
+
+Usage: python benchmarks/bench_dp.py [--steps 12] [--repeats 3] [--batches 32,128]
+       [--modes plain,safelm,opacus-hooks,...]
 Last line: {"batch_32": {"time_ratio": ..., "peak_memory_ratio": ...}, "batch_128": {...},
             "opacus": {"hooks": {"batch_32": {...}}, ...}}
 """
@@ -36,24 +45,16 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * 4  # pages of 4 KiB
 
 
-def worker(mode: str, B: int, steps: int) -> dict:
-    import gc
-    import resource
-    import time
-    import warnings
-
+def _setup(mode: str, B: int):
+    """Model, optimizer, batches and a loss for one configuration (same init for all)."""
     import torch
-    import torch.nn.functional as F
     from opacus import PrivacyEngine
 
     from safelm.config import ModelConfig, PrivacyConfig
     from safelm.model import build_model
     from safelm.privacy import DifferentialPrivacy
     from safelm.trainer import batch_loss
-    warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    gc.collect()
-    base = _rss_kb()
     cfg = ModelConfig(dropout=0.0, tie_weights=mode != "opacus-ghost")
     model = build_model(cfg, "lm")
     g = torch.Generator().manual_seed(1)
@@ -81,7 +82,8 @@ def worker(mode: str, B: int, steps: int) -> dict:
         else:
             model, opt, _ = engine.make_private(**kw)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(i: int) -> None:
+        x, y = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
         if criterion is not None:
             logits = model(x)
@@ -91,60 +93,113 @@ def worker(mode: str, B: int, steps: int) -> dict:
                                       torch.full((len(x),), -1)), "lm")[0]
         loss.backward()
         opt.step()
+    return step
 
-    times = []
-    for i in range(3 + steps):
-        x, y = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        step(x, y)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+
+def memory_worker(mode: str, B: int, steps: int) -> dict:
+    """Peak resident memory above the post-import baseline, in a process of its own."""
+    import gc
+    import resource
+    import warnings
+
+    import opacus  # noqa: F401  (imports count in the baseline, not the peak)
+    import torch  # noqa: F401
+
+    import safelm.model  # noqa: F401
+    import safelm.privacy  # noqa: F401
+    import safelm.trainer  # noqa: F401
+    warnings.filterwarnings("ignore")
+    gc.collect()
+    base = _rss_kb()
+    step = _setup(mode, B)
+    for i in range(steps):
+        step(i)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    del F
-    return {"step_s": statistics.median(times), "peak_mb": peak / 1024}
+    return {"peak_mb": peak / 1024}
+
+
+def time_worker(mode: str, B: int, steps: int) -> dict:
+    """Step times of ``plain`` and ``mode`` alternating in one process, paired per step.
+
+    The machine is shared: load from other processes comes and goes on the scale of seconds,
+    so each DP step is timed right next to a plain step on the same batch and the ratio of
+    each pair is taken; the median of those ratios is what is reported.
+    """
+    import time
+    import warnings
+    warnings.filterwarnings("ignore")
+    plain, other = _setup("plain", B), _setup(mode, B)
+    t_plain, t_other, ratios = [], [], []
+    for i in range(3 + steps):
+        t0 = time.perf_counter()
+        plain(i)
+        t1 = time.perf_counter()
+        other(i)
+        t2 = time.perf_counter()
+        if i >= 3:  # warm-up steps excluded
+            t_plain.append(t1 - t0)
+            t_other.append(t2 - t1)
+            ratios.append((t2 - t1) / (t1 - t0))
+    return {"plain_s": statistics.median(t_plain), "step_s": statistics.median(t_other),
+            "time_ratio": statistics.median(ratios)}
+
+
+def _run(kind: str, mode: str, B: int, steps: int) -> dict | None:
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, mode, str(B), str(steps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        line = (out.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {mode} batch {B} ({kind}): failed ({line})", flush=True)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12, help="timed step pairs per run")
+    ap.add_argument("--mem-steps", type=int, default=4, help="steps of a memory run")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--worker", nargs=3, metavar=("MODE", "BATCH", "STEPS"), help="internal")
+    ap.add_argument("--worker", nargs=4, metavar=("KIND", "MODE", "BATCH", "STEPS"),
+                    help="internal")
     args = ap.parse_args()
     if args.worker:
-        mode, B, steps = args.worker
-        print(json.dumps(worker(mode, int(B), int(steps))))
+        kind, mode, B, steps = args.worker
+        fn = time_worker if kind == "time" else memory_worker
+        print(json.dumps(fn(mode, int(B), int(steps))))
         return
     batches = [int(b) for b in args.batches.split(",")]
-    modes = args.modes.split(",")
-    results: dict = {}
+    modes = [m for m in args.modes.split(",") if m != "plain"]
+    times: dict = {}
+    peaks: dict = {}
     for r in range(args.repeats):
         for B in batches:
+            m = _run("memory", "plain", B, args.mem_steps)
+            if m:
+                peaks.setdefault(("plain", B), []).append(m["peak_mb"])
+                print(f"round {r + 1} batch {B:4d} {'plain':17s} peak {m['peak_mb']:7.1f} MB",
+                      flush=True)
             for mode in modes:
-                out = subprocess.run([sys.executable, __file__, "--worker", mode, str(B),
-                                      str(args.steps)], capture_output=True, text=True)
-                if out.returncode != 0:
-                    line = (out.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"  {mode} batch {B}: failed ({line})")
-                    results.setdefault((mode, B), [])
-                    continue
-                m = json.loads(out.stdout.strip().splitlines()[-1])
-                results.setdefault((mode, B), []).append(m)
-                print(f"round {r + 1} batch {B:4d} {mode:17s} step {m['step_s'] * 1000:7.1f} ms  "
-                      f"peak {m['peak_mb']:7.1f} MB", flush=True)
+                t = _run("time", mode, B, args.steps)
+                m = _run("memory", mode, B, args.mem_steps)
+                if t:
+                    times.setdefault((mode, B), []).append(t)
+                if m:
+                    peaks.setdefault((mode, B), []).append(m["peak_mb"])
+                print(f"round {r + 1} batch {B:4d} {mode:17s} "
+                      + (f"step {t['step_s'] * 1000:7.1f} ms vs plain {t['plain_s'] * 1000:7.1f}"
+                         f" ms (paired x{t['time_ratio']:.2f})  " if t else "")
+                      + (f"peak {m['peak_mb']:7.1f} MB" if m else ""), flush=True)
     summary: dict = {"opacus": {}}
     for B in batches:
-        base = results[("plain", B)]
-        t0 = statistics.median(m["step_s"] for m in base)
-        m0 = statistics.median(m["peak_mb"] for m in base)
-        for mode in modes[1:]:
-            runs = results.get((mode, B)) or []
-            if not runs:
+        m0 = statistics.median(peaks[("plain", B)])
+        for mode in modes:
+            if not times.get((mode, B)) or not peaks.get((mode, B)):
                 continue
-            ratio = {"time_ratio": round(statistics.median(m["step_s"] for m in runs) / t0, 3),
-                     "peak_memory_ratio": round(
-                         statistics.median(m["peak_mb"] for m in runs) / m0, 3)}
+            ratio = {"time_ratio": round(statistics.median(
+                        t["time_ratio"] for t in times[(mode, B)]), 3),
+                     "peak_memory_ratio": round(statistics.median(peaks[(mode, B)]) / m0, 3)}
             print(f"batch {B}: {mode:17s} time x{ratio['time_ratio']:.2f}  "
                   f"peak memory x{ratio['peak_memory_ratio']:.2f}")
             if mode == "safelm":

@@ -20,7 +20,7 @@ from safelm import Config, train_run
 from safelm.corpus import write_sentiment_csv
 
 SETTINGS = ["train.task=classify", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
-            "model.block_size=32", "train.batch_size=1024", "train.lr=3e-3",
+            "model.block_size=32", "train.batch_size=512", "train.lr=2e-2",
             "train.warmup_steps=5", "train.progress=off", "data.user_col=user",
             # The clip near the median per-sample gradient norm (about 6 at initialization):
             # far below it every sample is clipped, DP-SGD turns into normalized SGD that
@@ -56,7 +56,7 @@ def main() -> None:
         print(f"{name:12s} test accuracy {rows[name]['test_accuracy']:.3f}  "
               f"macro-F1 {rows[name]['test_macro_f1']:.3f}  epsilon {rows[name]['epsilon']}",
               flush=True)
-    print(f"runs in {out}; {args.n} rows, {args.epochs} epochs, batch 1024, delta 1e-5")
+    print(f"runs in {out}; {args.n} rows, {args.epochs} epochs, batch 512, delta 1e-5")
     print(json.dumps(rows))
 
 

@@ -96,6 +96,7 @@ class RunStore:
                                      ledger.to_json(clipping_norm(strategy)))
         elif isinstance(ledger, SampleLedger):
             rundir.atomic_write_json(self.out / PRIVACY, ledger.to_json())
+        rundir.write_checksums(self.out)  # load_run refuses these files if they change later
         sstate, sarrays = state_of(strategy)
         tmp = self.out / (STRATEGY + ".tmp")
         save_file(sarrays or {"_": np.zeros(1)}, str(tmp))

@@ -18,12 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rundir
+from .canaries import CANARIES_FILE, insert_canaries
 from .config import Config
 from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
 from .distributed import init_from_env
 from .errors import UserError
 from .hashing import file_sha256
 from .model import build_model
+from .reweighting import row_weights
 from .tokenizer import Tokenizer
 from .trainer import Trainer, pick_device
 
@@ -38,6 +40,7 @@ class Prepared:
     tokenizer: Tokenizer
     splits: dict[str, pd.DataFrame]
     encoded: dict[str, Encoded]
+    canaries: dict[str, Any] | None = None  # the canaries.json record when privacy.canaries > 0
 
     def dataset(self, split: str) -> BlockDataset:
         return BlockDataset(self.encoded[split])
@@ -52,6 +55,10 @@ def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = No
     if tokenizer is None:
         tokenizer = Tokenizer.train(splits["train"]["text"], cfg.model.vocab_size)
     cfg.model.vocab_size = tokenizer.vocab_size
+    canaries = None
+    if cfg.privacy.canaries:  # after the tokenizer, so it cannot learn them (safelm/canaries.py)
+        splits["train"], canaries = insert_canaries(splits["train"], cfg.privacy.canaries,
+                                                    cfg.privacy.canary_repeats, cfg.train.seed)
     if task == "classify":
         if not cfg.data.labels:
             cfg.data.labels = sorted(set(splits["train"]["label"]))
@@ -61,7 +68,12 @@ def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = No
         cfg.model.num_classes = len(cfg.data.labels)
     encoded = {name: encode_rows(df, tokenizer, cfg.model.block_size, task, cfg.data.labels)
                for name, df in splits.items()}
-    return Prepared(cfg, tokenizer, splits, encoded)
+    if cfg.train.reweight != "none":  # fairness mitigation: weights from the train split only
+        w = row_weights(splits["train"], cfg.train.reweight_cols or cfg.data.group_cols,
+                        cfg.train.reweight)
+        enc = encoded["train"]
+        enc.weights = torch.tensor(w, dtype=torch.float32)[enc.example]
+    return Prepared(cfg, tokenizer, splits, encoded, canaries)
 
 
 def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
@@ -100,6 +112,8 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             "path": str(data_path), "sha256": sha,
             "rows": {k: len(v) for k, v in prep.splits.items()},
             "blocks": {k: int(e.input_ids.shape[0]) for k, e in prep.encoded.items()}})
+        if prep.canaries:  # the secrets the privacy audit looks for (never part of a release)
+            rundir.atomic_write_json(out / CANARIES_FILE, prep.canaries)
     trainer = Trainer(model, cfg.train, prep.dataset("train"), prep.dataset("val"),
                       run_dir=out if ddp.main else None, privacy=privacy,
                       num_classes=cfg.model.num_classes)
@@ -129,8 +143,13 @@ class Run:
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> Run:
-    """Config, tokenizer and weights of a run dir (safetensors only: nothing is unpickled)."""
+    """Config, tokenizer and weights of a run dir or release dir (safetensors and JSON only:
+    nothing is unpickled). A file whose sha256 differs from the dir's ``checksums.json`` or
+    ``release.json``/``release.sha256`` is refused (UserError); run dirs written before
+    checksums existed have no listing and load unchecked."""
     p = Path(run_dir)
+    if p.is_dir():
+        rundir.verify_checksums(p)
     cfg = rundir.read_config(p)
     for name in (rundir.TOKENIZER, rundir.WEIGHTS):
         if not (p / name).is_file():

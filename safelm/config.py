@@ -69,6 +69,10 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: str = "auto"  # auto (bar on a terminal only) | on | off
+    # In-training fairness mitigation (safelm/reweighting.py): none | groups (each group's
+    # examples weigh the same in total) | groups_labels (reweighing: group independent of label)
+    reweight: str = "none"
+    reweight_cols: list[str] = field(default_factory=list)  # empty: every data.group_cols
 
 
 @dataclass
@@ -83,6 +87,11 @@ class PrivacyConfig:
     grad_sample_mode: str = "auto"  # auto | bk | hooks | functorch | ew
     max_physical_batch_size: int = 0  # 0: whole logical batches; else split (same accounting)
     max_examples_per_user: int = 8  # unit=user: rows taken from each sampled user per step
+    # Privacy audit (safelm/canaries.py): random secrets inserted into an LM's training split,
+    # each ``canary_repeats`` times, so `safelm audit privacy` can measure their exposure.
+    # Works with and without DP; 0 inserts nothing.
+    canaries: int = 0
+    canary_repeats: int = 10
 
 
 SECTIONS: dict[str, type] = {
@@ -194,6 +203,7 @@ class Config:
                 raise ConfigError(f"{key}={value} must be >= 0")
         if t.epochs == 0 and t.max_steps == 0:
             raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
+        self._validate_reweight()
         if m.vocab_size < 259:
             raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 259 "
                               "(256 byte symbols plus 3 special tokens)")
@@ -208,7 +218,39 @@ class Config:
             v = getattr(d, key)
             if not 0.0 <= v < 0.5:
                 raise ConfigError(f"data.{key}={v} must be in [0, 0.5)")
+        self._validate_canaries()
         return self
+
+    def _validate_canaries(self) -> None:
+        p = self.privacy
+        if p.canaries < 0:
+            raise ConfigError(f"privacy.canaries={p.canaries} must be >= 0 (0: none)")
+        if p.canary_repeats < 1:
+            raise ConfigError(f"privacy.canary_repeats={p.canary_repeats} must be >= 1")
+        if p.canaries and self.train.task != "lm":
+            raise ConfigError(f"privacy.canaries={p.canaries} needs train.task=lm (canaries are "
+                              "secret sequences in language-model training text); set it to 0")
+
+    def _validate_reweight(self) -> None:
+        t, d = self.train, self.data
+        _choice("train.reweight", t.reweight, ("none", "groups", "groups_labels"))
+        if t.reweight == "none":
+            return
+        cols = t.reweight_cols or d.group_cols
+        if not cols:
+            raise ConfigError(f"train.reweight={t.reweight} needs group columns: set "
+                              "data.group_cols (or train.reweight_cols)")
+        unknown = [c for c in cols if c not in d.group_cols]
+        if unknown:
+            raise ConfigError(f"train.reweight_cols: {unknown[0]!r} is not in data.group_cols "
+                              f"({', '.join(d.group_cols) or 'empty'}); add it there")
+        if t.reweight == "groups_labels" and t.task != "classify":
+            raise ConfigError("train.reweight=groups_labels needs labels (train.task=classify); "
+                              "use train.reweight=groups for language models")
+        if self.privacy.enabled:
+            raise ConfigError(f"train.reweight={t.reweight} with privacy.enabled: the weights "
+                              "come from the private data's group counts, which DP-SGD does "
+                              "not protect; train without one of them")
 
     # ---- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

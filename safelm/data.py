@@ -217,10 +217,12 @@ class Encoded:
     lengths: torch.Tensor  # [N] real tokens in input_ids
     labels: torch.Tensor  # [N] class ids (classify) or -1 (lm)
     example: torch.Tensor  # [N] row index in the source table
+    weights: torch.Tensor | None = None  # [N] loss weight per block (train.reweight) or None
 
 
 class BlockDataset(Dataset):
-    """Tuples ``(input_ids, targets, lengths, labels)`` over an :class:`Encoded`."""
+    """Tuples ``(input_ids, targets, lengths, labels)`` over an :class:`Encoded`, with the
+    block's loss weight appended when the encoding carries weights (``train.reweight``)."""
 
     def __init__(self, enc: Encoded):
         self.enc = enc
@@ -230,6 +232,8 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, i: int):
         e = self.enc
+        if e.weights is not None:
+            return e.input_ids[i], e.targets[i], e.lengths[i], e.labels[i], e.weights[i]
         return e.input_ids[i], e.targets[i], e.lengths[i], e.labels[i]
 
 

@@ -7,7 +7,9 @@
    accuracy per demographic group (where the planted bias shows),
 4. trains the same classifier with DP-SGD at epsilon 8 and prints its accuracy beside the
    non-private one, then writes both predictions tables for the test split;
-5. runs the demo steps of installed plugins (the audits).
+5. (full demo) retrains it with reweighing (``train.reweight=groups_labels``), the in-training
+   fairness mitigation, and prints the predicted-positive gap before and after;
+6. runs the demo steps of installed plugins (the audits).
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ CLS_SETTINGS = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.
                 "model.vocab_size=512", "train.epochs=6", "train.lr=3e-3", "train.batch_size=256",
                 "train.warmup_steps=10", "train.task=classify", "train.checkpoint_every=100000",
                 "data.group_cols=gender,age_group,region", "data.user_col=user"]
-DP_SETTINGS = ["train.batch_size=1024", "train.epochs=8", "train.warmup_steps=5",
-               "privacy.enabled=true", "privacy.target_epsilon=8", "privacy.delta=1e-5",
-               "privacy.max_grad_norm=5.0"]
+# DP-SGD wants a larger step than AdamW's usual: at lr 3e-3 and batch 1024 the noisy model
+# stayed near chance (0.59); batch 512 at lr 2e-2 reached 0.92 (measured, same epsilon).
+DP_SETTINGS = ["train.batch_size=512", "train.lr=2e-2", "train.epochs=8",
+               "train.warmup_steps=5", "privacy.enabled=true", "privacy.target_epsilon=8",
+               "privacy.delta=1e-5", "privacy.max_grad_norm=5.0"]
 N_SENTIMENT = 20000
 QUICK = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.epochs=1",
          "model.vocab_size=300"]
 PROMPTS = ["Once upon a time", "One rainy morning,", '"Can I help?"']
 GROUP_COLS = ["gender", "age_group"]
 BIAS = 0.8  # share of positive training labels of old women flipped to negative
+REWEIGHT = "train.reweight=groups_labels"
 
 
 def _fmt(x: float) -> str:
@@ -54,6 +59,29 @@ def _fresh(path: Path) -> Path:
         if not (path / rundir.CONFIG).is_file():
             raise UserError(f"{path} exists and is not a SafeLM run dir; choose another --out")
         shutil.rmtree(path)
+    return path
+
+
+def _positive_rate_gap(table: pd.DataFrame) -> float:
+    """Predicted-positive rate of everyone else minus that of old women (the planted bias)."""
+    target = (table["gender"] == "female") & (table["age_group"] == "old")
+    pos = table["y_pred"] == "positive"
+    return float(pos[~target].mean() - pos[target].mean())
+
+
+def _reweighted(out: Path, sentiment: Path, before: pd.DataFrame) -> Path:
+    """The classifier retrained with reweighing (in-training mitigation), test predictions."""
+    print(f"\n[+] the same classifier with in-training mitigation ({REWEIGHT})")
+    cfg = Config.load(None, CLS_SETTINGS + [REWEIGHT, "train.progress=auto"])
+    run_dir = _fresh(out / "classifier-reweighted")
+    final = train_run(sentiment, cfg, run_dir)
+    table = predictions_table(load_run(run_dir), sentiment, split="test")
+    path = out / "predictions_test_reweighted.csv"
+    write_csv(table, path)
+    acc0 = float((before["y_true"] == before["y_pred"]).mean())
+    print(f"  test accuracy {_fmt(acc0)} -> {_fmt(final['test_accuracy'])}; predicted-positive "
+          f"gap, others minus female x old: {_fmt(_positive_rate_gap(before))} -> "
+          f"{_fmt(_positive_rate_gap(table))}")
     return path
 
 
@@ -115,12 +143,16 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
     print(f"  test accuracy {_fmt(final_dp['test_accuracy'])} at epsilon "
           f"{final_dp['epsilon']:.2f} (delta {dp_cfg.privacy.delta:g}) vs "
           f"{_fmt(final_c['test_accuracy'])} without DP; ledger: {dp_dir / rundir.PRIVACY}")
+    rw_preds = None
+    if not quick:  # --quick's 1,200 rows leave too few old women to reweigh by
+        rw_preds = _reweighted(out, sentiment, table)
     print(f"\nruns: {lm_dir}  {cls_dir}  {dp_dir}")
     print(f"predictions tables: {preds}  {dp_preds}")
     ctx = {"out": out, "quick": quick, "data": {"stories": stories, "sentiment": sentiment},
            "lm_run": lm_dir, "classifier_run": cls_dir, "predictions": preds,
            "dp_classifier_run": dp_dir, "dp_predictions": dp_preds,
-           "group_cols": cls_cfg.data.group_cols}
+           "group_cols": cls_cfg.data.group_cols, "reweighted_predictions": rw_preds,
+           "reweight_method": REWEIGHT}
     for plugin in load_plugins():
         if hasattr(plugin, "demo_step"):
             plugin.demo_step(ctx)

@@ -6,6 +6,7 @@ Layout (DESIGN.md)::
     config.json         the full resolved config
     tokenizer.json      the byte-level BPE tokenizer
     metrics.jsonl       one JSON object per logged step / evaluation
+    checksums.json      sha256 of weights, config, tokenizer, privacy.json (load_run checks)
     resume/             model, optimizer, scheduler, RNG states, data position (+ accountant)
 
 Every file is written to a temporary name and renamed, so a killed or failed command never
@@ -29,6 +30,7 @@ from safetensors.torch import load_model, save_model
 
 from .config import Config
 from .errors import UserError
+from .hashing import file_sha256
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS, RESUME, PRIVACY = (
     "model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "resume",
@@ -112,3 +114,70 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# ---- checksums: refuse to load a file that changed after it was written ------------------
+# ``checksums.json`` ({file name: sha256}) covers the files that ``load_run`` reads or that
+# state the privacy claim. It is rewritten (atomically) after every checkpoint, so it always
+# describes the published weights. Why: a corrupted or swapped weights file would otherwise
+# load silently and be served, audited or released as if it were the trained model. Run dirs
+# written before checksums existed have no checksums.json and still load (nothing to compare);
+# a release dir is covered by its own ``release.json`` + ``release.sha256`` instead (see
+# ``audits/release``). This detects accidental or single-file changes, not an adversary who
+# rewrites the listing too: that is what a release's published digest is for.
+CHECKSUMS, RELEASE_MANIFEST, RELEASE_SUMS = "checksums.json", "release.json", "release.sha256"
+CHECKSUMMED = (WEIGHTS, CONFIG, TOKENIZER, PRIVACY)
+
+
+def write_checksums(run_dir: str | Path) -> dict[str, str]:
+    """Write ``checksums.json`` for the run dir's weights, config, tokenizer (and ledger)."""
+    p = Path(run_dir)
+    sums = {name: file_sha256(p / name) for name in CHECKSUMMED if (p / name).is_file()}
+    atomic_write_json(p / CHECKSUMS, sums)
+    return sums
+
+
+def _listed_hashes(p: Path) -> list[tuple[str, str, str]]:
+    """(listing file, file name, sha256) for every hash the dir's listings claim."""
+    out: list[tuple[str, str, str]] = []
+    for listing in (CHECKSUMS, RELEASE_MANIFEST):
+        if not (p / listing).is_file():
+            continue
+        try:
+            tree = json.loads((p / listing).read_text(encoding="utf-8"))
+            files = tree if listing == CHECKSUMS else tree["files"]
+            out += [(listing, str(k), str(v)) for k, v in files.items()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{p / listing}: unreadable file list (not the JSON that SafeLM "
+                            "writes); refusing to load a dir whose integrity cannot be checked"
+                            ) from None
+    if (p / RELEASE_MANIFEST).is_file():
+        if not (p / RELEASE_SUMS).is_file():
+            raise UserError(f"{p / RELEASE_SUMS}: missing from a release dir; refusing to load "
+                            "it (run 'safelm verify' on the dir)")
+        for line in (p / RELEASE_SUMS).read_text(encoding="utf-8", errors="replace").splitlines():
+            digest, _, name = line.partition("  ")
+            out.append((RELEASE_SUMS, name, digest))
+    return out
+
+
+def verify_checksums(run_dir: str | Path) -> int:
+    """Raise :class:`UserError` if a file's sha256 differs from what a listing says.
+
+    Returns the number of files checked (0 for an older run dir without listings).
+    """
+    p = Path(run_dir)
+    listed, seen = _listed_hashes(p), {}
+    for listing, name, expected in listed:
+        f = p / name
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise UserError(f"{p / listing}: lists {name!r}, which is not a file in this dir; "
+                            "refusing to load it")
+        if not f.is_file():
+            raise UserError(f"{f}: listed in {listing} but missing; refusing to load it")
+        actual = seen[name] = seen.get(name) or file_sha256(f)
+        if actual != expected:
+            raise UserError(f"{f}: hash mismatch (sha256 {actual[:16]}..., {listing} lists "
+                            f"{expected[:16]}...); the file changed after it was written, so "
+                            "it is not loaded (restore it, or resume an interrupted run)")
+    return len(listed)

@@ -89,9 +89,10 @@ def batch_loss(model: nn.Module, batch, task: str) -> tuple[torch.Tensor, int]:
     A row's loss is its mean token NLL (LM) or its label's cross-entropy; it depends on that
     row alone, which is what per-sample clipping (DP-SGD) needs. Padding rows (all targets
     -100) have loss 0 and still count in the mean, as DP's user-level batches need; an empty
-    batch (Poisson sampling) gives a zero loss that still backpropagates.
+    batch (Poisson sampling) gives a zero loss that still backpropagates. A fifth batch
+    element, when present, weights each row's loss (``train.reweight``).
     """
-    x, y, lengths, labels = batch
+    x, y, lengths, labels = batch[:4]
     rows = max(x.shape[0], 1)
     if task == "lm":
         logits = model(x)  # [B, T, V]
@@ -100,6 +101,8 @@ def batch_loss(model: nn.Module, batch, task: str) -> tuple[torch.Tensor, int]:
     else:
         logits = model(x, lengths)  # [B, n_classes]
         per_row = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    if len(batch) > 4:
+        per_row = per_row * batch[4]
     return per_row.sum() / rows, x.shape[0]
 
 
@@ -180,6 +183,7 @@ class Trainer:
         self.epoch = epoch
         self.sampler.set_epoch(epoch, start)
         loss_sum, units, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+        step_loss, step_rows = 0.0, 0  # over the physical batches of one optimizer step
         bar = self._progress(self.steps_per_epoch, start, f"epoch {epoch + 1}")
         self.step_in_epoch = start
         for batch in self.loader:
@@ -195,13 +199,18 @@ class Trainer:
             if self.privacy is None and self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
-            self.global_step += 1
-            self.step_in_epoch += 1
             loss_sum += float(loss.detach()) * n
             units += n
             tokens += int(batch[2][batch[3] != -100].sum())  # padding rows excluded
-            self.last_loss = float(loss.detach())
+            step_loss, step_rows = step_loss + float(loss.detach()) * n, step_rows + n
+            if getattr(self.optimizer, "_is_last_step_skipped", False):
+                continue  # a physical batch inside a logical one (max_physical_batch_size)
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            # mean over the logical batch (its only physical batch: that batch's loss as is)
+            self.last_loss = float(loss.detach()) if step_rows == n else step_loss / step_rows
+            step_loss, step_rows = 0.0, 0
             bar.update(1)
             if bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{self.last_loss:.3f}", refresh=False)
@@ -306,6 +315,7 @@ class Trainer:
         rundir.save_weights(self.model, self.run_dir / rundir.WEIGHTS)
         if self.privacy is not None:  # the ledger always matches the published weights
             rundir.atomic_write_json(self.run_dir / rundir.PRIVACY, self.privacy.ledger())
+        rundir.write_checksums(self.run_dir)  # load_run refuses files changed after this
 
     def restore(self, write: bool = True) -> tuple[int, int]:
         """Load ``resume/``; drop metrics logged after it; return (epoch, batch position)."""

@@ -89,7 +89,7 @@ def test_audit_subcommands_extend_with_one_entry(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr(plugin, "AUDITS", plugin.AUDITS + [
-        plugin.Audit("privacy", "membership inference", add, handler)])
-    assert main(["audit", "privacy", "RUN"]) == 0 and seen == {"run_dir": "RUN"}
+        plugin.Audit("toy", "a toy audit", add, handler)])
+    assert main(["audit", "toy", "RUN"]) == 0 and seen == {"run_dir": "RUN"}
     assert main(["audit"]) == 2
-    assert "fairness, lm-bias, privacy" in capsys.readouterr().err
+    assert "fairness, lm-bias" in capsys.readouterr().err

@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "demographic_parity, equalized_odds")
     p.add_argument("--fit-predictions", metavar="FILE",
                    help="predictions on other rows (e.g. the val split) to fit --mitigate on")
+    p.add_argument("--unmitigated", metavar="FILE", help="the audited predictions come from a "
+                   "model trained with an in-training mitigation (e.g. --set "
+                   "train.reweight=groups_labels); FILE holds the same model trained without it, "
+                   "on the same rows: the report shows before/after and the accuracy cost")
+    p.add_argument("--mitigation-method", default="", metavar="TEXT",
+                   help="how the audited model was mitigated, for the report "
+                   "(e.g. 'train.reweight=groups_labels')")
 
 
 def parse_thresholds(args: argparse.Namespace) -> Thresholds:
@@ -79,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     report = fairness_audit(args.predictions, args.sensitive, args.out,
                             pos_label=args.pos_label, settings=settings, n_bins=args.bins,
                             compare=args.compare, mitigate=mitigate,
-                            fit_predictions=args.fit_predictions)
+                            fit_predictions=args.fit_predictions,
+                            unmitigated=args.unmitigated,
+                            mitigation_method=args.mitigation_method)
     lines = report["summary"]["flagged"]
     print(f"{report['summary']['n_flagged']} disparities flagged" if lines
           else "no disparity flagged")

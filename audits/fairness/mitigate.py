@@ -1,4 +1,5 @@
-"""Post-processing mitigation: fairlearn's ThresholdOptimizer on a classifier's scores.
+"""Mitigation, before and after: fairlearn's ThresholdOptimizer on a classifier's scores, and
+the report of an in-training mitigation (a model retrained with ``train.reweight``).
 
 Why post-processing on scores: it needs only the predictions table (no retraining, any model),
 and it states its price plainly: group-specific (possibly randomized) thresholds that trade
@@ -11,6 +12,10 @@ Groups are the full intersection of the sensitive columns. The report gets, per 
 accuracy / selection rate / TPR / FPR before and after with paired bootstrap intervals, the
 accuracy cost (before - after), and the demographic-parity and equalized-odds differences
 before and after with intervals (of the highest-minus-lowest pair, as in ``audit.py``).
+
+An in-training mitigation changes the model, not its thresholds, so its "before" is a second
+predictions table (``--unmitigated``: the same model trained without it, on the same rows)
+and everything else, the paired intervals included, is the same computation.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from sklearn.base import BaseEstimator
 from safelm.errors import UserError
 
 from .audit import OVERALL, AuditSettings, _pair, group_label, quantiles
-from .compare import paired_engine
+from .compare import join_tables, paired_engine
 from .metrics import metric_defs
 from .table import PredTable
 
@@ -85,24 +90,51 @@ def threshold_optimize(test: PredTable, fit: PredTable, constraint: str, seed: i
 
 def mitigate(test: PredTable, fit: PredTable, constraint: str, settings: AuditSettings
              ) -> dict[str, Any]:
-    """One entry of report.json's ``mitigation`` list."""
+    """One entry of report.json's ``mitigation`` list: thresholds fit on ``fit``."""
     after = threshold_optimize(test, fit, constraint, settings.seed)
     joined = test.df.assign(y_pred_b=test.df["y_pred"], score_b=test.df["score"],
                             y_pred=after)  # view 0 = after, view 1 = before
+    return {"method": "fairlearn.postprocessing.ThresholdOptimizer (prefit, scores)",
+            "constraint": constraint, "fit_on": str(fit.path), "fit_sha256": fit.sha256,
+            "fit_rows": len(fit.df), "evaluated_on": str(test.path),
+            **before_after(test, joined, settings)}
+
+
+def training_mitigation(after: PredTable, before: PredTable, settings: AuditSettings,
+                        method: str = "") -> dict[str, Any]:
+    """The ``mitigation`` entry of an in-training mitigation (e.g. ``train.reweight``).
+
+    ``after`` holds the mitigated model's predictions, ``before`` the same model trained
+    without the mitigation, on the same rows (paired by example_id), so the intervals of the
+    change are paired as for the thresholds.
+    """
+    if after.task.kind != "binary":
+        raise UserError(f"{after.path}: --unmitigated reports binary tasks (selection rate, "
+                        "TPR, FPR); use --compare for a per-group comparison of other tasks")
+    joined = join_tables(after, before, "--unmitigated")
+    return {"method": method or "in-training mitigation (the audited model was retrained)",
+            "constraint": "in_training", "unmitigated": str(before.path),
+            "unmitigated_sha256": before.sha256, "rows_paired": len(joined),
+            "evaluated_on": str(after.path), **before_after(after, joined, settings)}
+
+
+def before_after(test: PredTable, joined: Any, settings: AuditSettings) -> dict[str, Any]:
+    """Before/after metrics with paired intervals; ``joined`` holds the after-predictions in
+    ``y_pred`` and the before-predictions in ``y_pred_b``."""
     metrics = [m for m in metric_defs(test.task) if m.name in MITIGATION_METRICS]
     engine, sl = paired_engine(test, joined, test.task, metrics)
     full = "*".join(test.sensitive)
     point, reps = engine.point(), engine.bootstrap(settings.n_boot, settings.seed + 2)
     ci = settings.ci
 
-    def before_after(slice_name: str, m: str, gi: int) -> dict[str, Any]:
+    def pair(slice_name: str, m: str, gi: int) -> dict[str, Any]:
         a, b = reps[slice_name][0][m][:, gi], reps[slice_name][1][m][:, gi]
         pa, pb = point[slice_name][0][m][gi], point[slice_name][1][m][gi]
         return {"before": {"value": float(pb), "ci": quantiles(b, ci).tolist()},
                 "after": {"value": float(pa), "ci": quantiles(a, ci).tolist()},
                 "change": {"value": float(pa - pb), "ci": quantiles(a - b, ci).tolist()}}
 
-    overall = {m: before_after(OVERALL, m, 0) for m in MITIGATION_METRICS}
+    overall = {m: pair(OVERALL, m, 0) for m in MITIGATION_METRICS}
     gaps: dict[str, dict[str, Any]] = {}
     for view, key in ((1, "before"), (0, "after")):  # ranges as in audit._between
         p, r = point[full][view], reps[full][view]
@@ -114,12 +146,9 @@ def mitigate(test: PredTable, fit: PredTable, constraint: str, settings: AuditSe
             "value": max(tpr[2], fpr[2]), "ci": quantiles(np.fmax(tpr[4], fpr[4]), ci).tolist()}
     by_group = [{"group": dict(zip(test.sensitive, k)), "label": group_label(k),
                  "n": int(point[full][0]["n"][gi]),
-                 "metrics": {m: before_after(full, m, gi) for m in MITIGATION_METRICS}}
+                 "metrics": {m: pair(full, m, gi) for m in MITIGATION_METRICS}}
                 for gi, k in enumerate(sl.groups[full])]
     acc = overall["accuracy"]["change"]
-    return {"method": "fairlearn.postprocessing.ThresholdOptimizer (prefit, scores)",
-            "constraint": constraint, "fit_on": str(fit.path), "fit_sha256": fit.sha256,
-            "fit_rows": len(fit.df), "evaluated_on": str(test.path), "slice": full,
-            "overall": overall,
+    return {"slice": full, "overall": overall,
             "accuracy_cost": {"value": -acc["value"], "ci": sorted(-x for x in acc["ci"])},
             "disparities": gaps, "by_group": by_group}

@@ -9,7 +9,7 @@ from safelm.errors import UserError
 
 from .audit import AuditSettings, run_audit
 from .compare import compare as compare_tables
-from .mitigate import CONSTRAINTS, mitigate as mitigate_table
+from .mitigate import CONSTRAINTS, mitigate as mitigate_table, training_mitigation
 from .report import complete, write_report
 from .table import load_predictions
 
@@ -18,7 +18,9 @@ def fairness_audit(predictions: str | Path, sensitive: str | list[str],
                    out: str | Path | None = None, *, pos_label: str | None = None,
                    settings: AuditSettings | None = None, n_bins: int = 10,
                    compare: str | Path | None = None, mitigate: list[str] | None = None,
-                   fit_predictions: str | Path | None = None) -> dict[str, Any]:
+                   fit_predictions: str | Path | None = None,
+                   unmitigated: str | Path | None = None,
+                   mitigation_method: str = "") -> dict[str, Any]:
     """Audit ``predictions`` by ``sensitive`` columns; write report.* into ``out`` if given.
 
     Everything is computed before anything is written, so a failing audit leaves an
@@ -46,6 +48,12 @@ def fairness_audit(predictions: str | Path, sensitive: str | list[str],
                                n_bins=n_bins)
         report["mitigation"] = [mitigate_table(pt, fit, c, settings) for c in mitigate]
         extra["fit_predictions_sha256"] = fit.sha256
+    if unmitigated is not None:
+        before = load_predictions(unmitigated, pt.sensitive, pos_label=pt.task.pos_label,
+                                  n_bins=n_bins)
+        report.setdefault("mitigation", []).append(
+            training_mitigation(pt, before, settings, mitigation_method))
+        extra["unmitigated_sha256"] = before.sha256
     complete(report, pt, extra)
     if out is not None:
         report["_paths"] = {k: str(v) for k, v in write_report(report, out, pt).items()}

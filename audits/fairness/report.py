@@ -241,12 +241,11 @@ def _between_html(report: dict[str, Any]) -> str:
 
 
 def _mitigation_html(items: list[dict[str, Any]]) -> str:
-    out = ["<h2>Mitigation: group thresholds (fairlearn ThresholdOptimizer)</h2>"]
+    out = ["<h2>Mitigation, before and after</h2>"]
     for it in items:
         acc, gaps = it["overall"]["accuracy"], it["disparities"]
         out.append(
-            f"<h3>{esc(it['constraint'])}</h3><p>Fit on {esc(Path(it['fit_on']).name)} "
-            f"({it['fit_rows']} rows), evaluated on the audited table. Accuracy "
+            f"<h3>{esc(_mitigation_title(it))}</h3><p>{esc(_mitigation_source(it))} Accuracy "
             f"{fmt(acc['before']['value'])} → {fmt(acc['after']['value'])} (cost "
             f"{fmt(it['accuracy_cost']['value'])} {fmt_ci(it['accuracy_cost']['ci'])}).</p>"
             + table(["", "before", "after"], [[esc(k.replace("_", " ")),
@@ -256,6 +255,20 @@ def _mitigation_html(items: list[dict[str, Any]]) -> str:
             + plots.before_after(it["by_group"], "selection_rate",
                                  f"selection rate by {it['slice']}, before/after"))
     return "".join(out)
+
+
+def _mitigation_title(it: dict[str, Any]) -> str:
+    if it["constraint"] == "in_training":
+        return f"In training: {it['method']}"
+    return f"Group thresholds (fairlearn ThresholdOptimizer): {it['constraint']}"
+
+
+def _mitigation_source(it: dict[str, Any]) -> str:
+    if it["constraint"] == "in_training":
+        return (f"Before: the unmitigated model's predictions {Path(it['unmitigated']).name}; "
+                f"after: the audited table ({it['rows_paired']} paired rows).")
+    return (f"Fit on {Path(it['fit_on']).name} ({it['fit_rows']} rows), evaluated on the "
+            "audited table.")
 
 
 def _comparison_html(c: dict[str, Any]) -> str:
@@ -307,7 +320,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += [f"## {name}", "", md_table(["group", "n"] + [metric_name(m) for m in metrics],
                                            rows), ""]
     for it in report.get("mitigation") or []:
-        out += [f"## Mitigation: {it['constraint']}", "",
+        out += [f"## Mitigation: {_mitigation_title(it)}", "", _mitigation_source(it), "",
                 f"accuracy cost {fmt(it['accuracy_cost']['value'])} "
                 f"{fmt_ci(it['accuracy_cost']['ci'])}", ""]
         out += [f"- {k.replace('_', ' ')}: {fmt(v['before']['value'])} -> "

@@ -7,20 +7,35 @@ two things per step: each sample's total gradient norm (for its clip factor) and
 the clipped gradients. Both follow from what one ordinary backward pass already has at each
 layer: its input ``A`` and its output gradient ``G``.
 
-* Norms, per layer, whichever is cheaper for its shape: the ghost-norm identity
-  ``||G_i^T A_i||_F^2 = sum_{t,t'} (A_i A_i^T)_{tt'} (G_i G_i^T)_{tt'}`` (cost ~ T^2 (d_in +
-  d_out)) or the materialized per-sample gradient (cost ~ T d_in d_out). Embeddings use the
-  ghost identity with the Gram of one-hot rows (token equality). LayerNorm gradients are small
-  and always materialized. A parameter shared by two modules (module-level weight tying) is
-  materialized per contribution and summed, so the norm includes the cross term exactly.
-* The clipped sum, per layer, is one GEMM over rescaled output gradients:
-  ``sum_i c_i G_i^T A_i = (c * G)^T A``, which replaces the weight-gradient GEMM autograd
-  would have done: parameters do not require grad during the forward pass, so autograd
-  computes only activation gradients.
+How the work is arranged, and why:
+
+* Norms are computed *while the backward pass runs*, in a hook on each layer's output, as
+  soon as that layer's ``G`` arrives. Per layer, whichever is cheaper for its shape: the
+  ghost-norm identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` (cost ~ T^2 (d_in +
+  d_out); layers fed the same input, like Q, K and V, share one ``A A^T``) or the
+  materialized per-sample gradient (cost ~ T d_in d_out). Embeddings use the ghost identity
+  with the Gram of one-hot rows (token equality).
+* Only what the final clipped-sum GEMM needs is kept until the clip factors are known: ``A``
+  and ``G`` of Linear weights and Embeddings. ``A`` is the tensor the forward pass made
+  anyway (no copy). Biases and LayerNorm parameters are small, so their per-sample gradients
+  ([B, d]) are formed in the hook and the layer's ``G`` (and a LayerNorm's input) is dropped
+  at once, as ordinary backpropagation would drop it.
+* A parameter shared by two modules (module-level weight tying: LM head = token embedding)
+  has as per-sample gradient the *sum* of both contributions, so its norm needs the cross
+  term ``2 <P_1, P_2>``; it is computed in ghost form (for the tied head and embedding:
+  ``sum_{s,t} G_head[s, idx_t] (A_head G_emb^T)[s, t]``, no [B, V, d] tensor).
+* The clipped sum, per layer, is one GEMM over rescaled rows: ``sum_i c_i G_i^T A_i =
+  G^T (c * A)`` (the narrower of ``A`` and ``G`` is rescaled; a rescaled input shared by
+  several layers is rescaled once). It replaces the weight-gradient GEMM autograd would have
+  done: parameters do not require grad during the forward pass, so autograd computes only
+  activation gradients.
+* Mean-reduced losses: the per-sample gradient is ``n`` times what the backward pass sees;
+  the factor is applied to the norms and clip factors (scalars), never by copying ``G``.
 
 The result lands in ``p.grad`` as the *sum* of clipped per-sample gradients; an Opacus
-``DPOptimizerFastGradientClipping`` then adds the Gaussian noise, scales, and calls the
-accountant's step hook, so Opacus' noise and accounting stay in charge.
+``DPOptimizerFastGradientClipping`` then accumulates it over physical batches, adds the
+Gaussian noise once per logical step, scales, and calls the accountant's step hook, so
+Opacus' noise and accounting stay in charge.
 
 Supported parameter holders: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, each called
 once per forward pass (``supports(model)`` says whether a model qualifies; others use Opacus'
@@ -29,6 +44,8 @@ hooks mode).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,9 +69,27 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """[B, ..., d] -> [B, T, d] (a 2-D input is one position)."""
-    return x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product of two [U, ...] tensors (one pass, no product tensor)."""
+    return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """Identity of an activation: layers fed the same tensor (Q, K, V) share its Gram."""
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+@dataclass
+class _Kept:
+    """One contribution to a Linear weight or Embedding, kept for the clipped-sum GEMM.
+
+    ``a``: [U, S, d_in] inputs (Embedding: [U, S] token ids); ``g``: [U, S, d_out] output
+    gradients, with U privacy units of S positions each (a user's rows form one sequence).
+    """
+    kind: str  # "linear" | "embedding"
+    a: torch.Tensor
+    g: torch.Tensor
+    key: tuple | None = None
 
 
 class BKGradSampleModule(nn.Module):
@@ -68,7 +103,6 @@ class BKGradSampleModule(nn.Module):
         self._module = module
         self.max_grad_norm = max_grad_norm
         self.loss_reduction = loss_reduction
-        self._records: dict[nn.Module, list] = {}
         self._handles = [m.register_forward_hook(self._capture) for m in module.modules()
                          if isinstance(m, SUPPORTED) and list(m.parameters(recurse=False))]
         self._params = list(dict.fromkeys(module.parameters()))  # tied weights counted once
@@ -77,6 +111,18 @@ class BKGradSampleModule(nn.Module):
         # clipped gradient is the gradient of the sum of its rows' losses.
         self.rows_per_unit = rows_per_unit
         self.n_units = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows = 0  # rows in the batch of the last forward pass
+        self._inputs: dict[nn.Module, torch.Tensor] = {}  # forward inputs awaiting their G
+        self._uses: dict[tuple, int] = {}  # Linear layers fed each distinct input
+        self._pending: dict[tuple, int] = {}  # ... of which G has not arrived yet
+        self._grams: dict[tuple, torch.Tensor] = {}  # shared A A^T, until its last user
+        self._norm2: torch.Tensor | None = None  # per-unit ||grad||^2 so far (unscaled)
+        self._small: dict[nn.Parameter, torch.Tensor] = {}  # per-unit grads [U, *p.shape]
+        self._kept: dict[nn.Parameter, list[_Kept]] = {}
+        self._leaves: list[torch.Tensor] = []  # embedding outputs made leaves by _capture
 
     def remove_hooks(self) -> None:
         """Detach from the model (e.g. before wrapping it again)."""
@@ -86,7 +132,7 @@ class BKGradSampleModule(nn.Module):
 
     # ---- forward / backward capture -----------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._records = {}
+        self._reset()
         for p in self._params:  # autograd then computes activation gradients only
             p.requires_grad_(False)
         try:
@@ -98,129 +144,172 @@ class BKGradSampleModule(nn.Module):
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return output
-        if module in self._records:
+        if module in self._inputs:
             raise RuntimeError(f"{type(module).__name__} called twice in one forward pass; "
                                "use grad_sample_mode=hooks for this model")
-        rec = [inputs[0].detach(), None]
-        self._records[module] = rec
+        a = inputs[0].detach()  # same storage as the forward's tensor: no copy
+        self._rows = a.shape[0]
+        self._inputs[module] = a
+        if isinstance(module, nn.Linear):
+            key = _key(a)
+            self._uses[key] = self._uses.get(key, 0) + 1
+            self._pending[key] = self._uses[key]
         if not output.requires_grad:  # first layer (an embedding): make it a leaf
             output.requires_grad_(True)
-
-        def keep(g: torch.Tensor) -> None:
-            rec[1] = g.detach()
-        output.register_hook(keep)
+            self._leaves.append(output)  # autograd will store a .grad there: see clip_and_sum
+        output.register_hook(partial(self._on_grad, module))
         return output
 
-    # ---- per-sample pieces --------------------------------------------------------------
-    def _contributions(self, n: int) -> dict[nn.Parameter, list[tuple[str, nn.Module, Any]]]:
-        """For each parameter: (kind, module, (A, G)) with G rescaled to the per-sample loss."""
-        scale = float(n) if self.loss_reduction == "mean" else 1.0
-        out: dict[nn.Parameter, list] = {}
-        for module, (a, g) in self._records.items():
-            if g is None:
-                continue
-            g = g * scale
-            if self.rows_per_unit:  # user-level: a unit's rows become one long sequence
-                a, g = self._by_unit(a), self._by_unit(g)
-            for name, p in module.named_parameters(recurse=False):
-                out.setdefault(p, []).append((name, module, (a, g)))
-        return out
+    def _on_grad(self, module: nn.Module, g: torch.Tensor) -> None:
+        """A layer's output gradient arrived: its norm share now, keep only what the GEMM needs."""
+        a = self._inputs.pop(module, None)
+        if a is None or a.shape[0] == 0:  # empty Poisson batch: nothing to clip
+            return
+        with torch.no_grad():
+            g = g.detach()
+            if isinstance(module, nn.Linear):
+                self._linear(module, a, g)
+            elif isinstance(module, nn.Embedding):
+                self._add_kept(module.weight, _Kept("embedding", self._units(a, 0),
+                                                    self._units(g, 1)))
+            else:
+                self._layer_norm(module, a, g)
 
-    def _by_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by unit: [U*R, T, d] -> [U, R*T, d]; [U*R, d] -> [U, R, d]."""
-        keep = x.shape[2:] if x.dim() > 2 else x.shape[1:]
-        return x.reshape(self.n_units, -1, *keep)
+    def _units(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """[n, ..., *feature] -> [U, S, *feature] (``tail`` feature dims): one row per unit."""
+        n = x.shape[0]
+        units = n // self.rows_per_unit if self.rows_per_unit else n
+        return x.reshape(units, -1, *x.shape[x.dim() - tail:])
+
+    # ---- per-layer work inside the backward pass -----------------------------------------
+    def _linear(self, module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> None:
+        G = self._units(g, 1)
+        if module.bias is not None:
+            self._add_small(module.bias, G.sum(1))
+        key = _key(a)
+        self._add_kept(module.weight, _Kept("linear", self._units(a, 1), G, key))
+        self._pending[key] -= 1
+        if self._pending[key] == 0:
+            self._grams.pop(key, None)
+
+    def _layer_norm(self, module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> None:
+        k = len(module.normalized_shape)
+        if module.bias is not None:
+            self._add_small(module.bias, self._units(g, k).sum(1))
+        if module.weight is not None:
+            x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+            self._add_small(module.weight, self._units(x_hat * g, k).sum(1))
+
+    def _add_small(self, p: nn.Parameter, per_unit: torch.Tensor) -> None:
+        have = self._small.get(p)
+        self._small[p] = per_unit if have is None else have + per_unit
+
+    def _add_kept(self, p: nn.Parameter, c: _Kept) -> None:
+        norm2 = self._self_norm2(c)
+        for other in self._kept.get(p, []):  # shared parameter: cross terms
+            norm2 = norm2 + 2 * self._cross(other, c)
+        self._norm2 = norm2 if self._norm2 is None else self._norm2 + norm2
+        self._kept.setdefault(p, []).append(c)
+
+    def _self_norm2(self, c: _Kept) -> torch.Tensor:
+        """||per-unit gradient of this contribution||^2, [U]."""
+        if c.kind == "embedding":
+            same = (c.a.unsqueeze(2) == c.a.unsqueeze(1)).to(c.g.dtype)  # [U, S, S]
+            return _dot(same, torch.bmm(c.g, c.g.transpose(1, 2)))
+        A, G = c.a, c.g
+        _, S, d_in = A.shape
+        d_out = G.shape[-1]
+        if S == 1:  # rank one: ||g a^T|| = ||g|| ||a||
+            return _dot(A, A) * _dot(G, G)
+        share = self._uses.get(c.key, 1)
+        # Ghost unless materializing is clearly cheaper: batched G^T A with a transposed
+        # operand runs far below GEMM speed on CPU, and its dot product is d_in/S times longer.
+        if S * S * (d_out + d_in / share) <= S * d_in * d_out:  # ghost norm
+            gram = self._grams.get(c.key)
+            if gram is None:
+                gram = torch.bmm(A, A.transpose(1, 2))
+                if share > 1:
+                    self._grams[c.key] = gram
+            return _dot(gram, torch.bmm(G, G.transpose(1, 2)))
+        per_sample = torch.bmm(G.transpose(1, 2), A)  # [U, d_out, d_in]
+        return _dot(per_sample, per_sample)
 
     @staticmethod
-    def _linear_weight_norm2(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        a, g = _flat(a), _flat(g)
-        B, T, din = a.shape
-        dout = g.shape[-1]
-        if T == 1:  # rank one: ||g a^T|| = ||g|| ||a||
-            return (a.square().sum((1, 2))) * (g.square().sum((1, 2)))
-        if T * T * (din + dout) < T * din * dout:  # ghost norm
-            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-        return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-
-    @staticmethod
-    def _embedding_norm2(idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        idx = idx.reshape(idx.shape[0], -1)
-        g = _flat(g)
-        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # [B, T, T]
-        return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-
-    @staticmethod
-    def _per_sample(kind: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
-                    p: nn.Parameter) -> torch.Tensor:
-        """Materialized per-sample gradient [B, *p.shape] of one contribution."""
-        if isinstance(module, nn.Embedding):
-            idx = a.reshape(a.shape[0], -1)
-            g = _flat(g)
-            out = torch.zeros(g.shape[0], *p.shape, dtype=g.dtype, device=g.device)
-            return out.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
-        if isinstance(module, nn.LayerNorm):
-            g = _flat(g)
-            if kind == "bias":
-                return g.sum(1)
-            x_hat = F.layer_norm(_flat(a), module.normalized_shape, eps=module.eps)
-            return (x_hat * g).sum(1)
-        a, g = _flat(a), _flat(g)
-        return g.sum(1) if kind == "bias" else torch.bmm(g.transpose(1, 2), a)
-
-    def _norm2(self, p: nn.Parameter, contribs: list) -> torch.Tensor:
-        if len(contribs) > 1:  # shared parameter: sum the materialized contributions
-            total = sum(self._per_sample(k, m, a, g, p) for k, m, (a, g) in contribs)
-            return total.flatten(1).square().sum(1)
-        kind, module, (a, g) = contribs[0]
-        if isinstance(module, nn.Embedding):
-            return self._embedding_norm2(a, g)
-        if isinstance(module, nn.Linear) and kind == "weight":
-            return self._linear_weight_norm2(a, g)
-        return self._per_sample(kind, module, a, g, p).flatten(1).square().sum(1)
-
-    @staticmethod
-    def _clipped_sum(kind: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
-                     c: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-        """sum_i c_i * grad_i for one contribution, without per-sample tensors."""
-        g = _flat(g) * c.view(-1, 1, 1)
-        if isinstance(module, nn.Embedding):
-            out = torch.zeros_like(p)
-            return out.index_add_(0, a.reshape(-1), g.reshape(-1, g.shape[-1]).to(p.dtype))
-        if kind == "bias":
-            return g.sum((0, 1))
-        if isinstance(module, nn.LayerNorm):
-            x_hat = F.layer_norm(_flat(a), module.normalized_shape, eps=module.eps)
-            return (x_hat * g).sum((0, 1))
-        a = _flat(a)
-        return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])  # one GEMM
+    def _cross(c1: _Kept, c2: _Kept) -> torch.Tensor:
+        """<P_1, P_2> per unit for two contributions to one parameter, in ghost form."""
+        if c1.kind == "linear" and c2.kind == "linear":  # <G1^T A1, G2^T A2>
+            return _dot(torch.bmm(c1.a, c2.a.transpose(1, 2)),
+                        torch.bmm(c1.g, c2.g.transpose(1, 2)))
+        if c1.kind == "embedding" and c2.kind == "embedding":
+            same = (c1.a.unsqueeze(2) == c2.a.unsqueeze(1)).to(c1.g.dtype)
+            return _dot(same, torch.bmm(c1.g, c2.g.transpose(1, 2)))
+        lin, emb = (c1, c2) if c1.kind == "linear" else (c2, c1)
+        # Linear weight [V, d] (per unit G^T A), Embedding rows idx_t get g_t: the inner
+        # product is sum_t <(G^T A)[idx_t], g_t> = sum_{s,t} G[s, idx_t] <A_s, g_t>.
+        U, S, T = lin.a.shape[0], lin.a.shape[1], emb.a.shape[1]
+        at_ids = lin.g.gather(2, emb.a.unsqueeze(1).expand(U, S, T))  # [U, S, T]
+        return _dot(at_ids, torch.bmm(lin.a, emb.g.transpose(1, 2)))
 
     # ---- the step -----------------------------------------------------------------------
     def clip_and_sum(self) -> torch.Tensor:
         """Per-sample norms -> clip factors -> p.grad = sum of clipped gradients."""
-        n = next((a.shape[0] for a, _ in self._records.values()), 0)
-        self.n_units = n // self.rows_per_unit if self.rows_per_unit else n
-        contribs = self._contributions(n) if n else {}  # empty Poisson batch: noise only
-        units = self.n_units
-        if contribs:
-            norm2 = sum(self._norm2(p, cs) for p, cs in contribs.items())
-            norms = norm2.clamp(min=0).sqrt()
-        else:
-            norms = torch.zeros(units)
-        c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for leaf in self._leaves:  # nobody reads these [B, T, d] gradients: free them first
+            leaf.grad = None
+        n = self._rows
+        units = n // self.rows_per_unit if self.rows_per_unit else n
+        self.n_units = units
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        norm2 = self._norm2 if self._norm2 is not None else torch.zeros(
+            units, device=self._params[0].device if self._params else None)
+        for ps in self._small.values():
+            norm2 = norm2 + _dot(ps, ps)
+        norms = norm2.clamp(min=0).sqrt() * scale
+        c = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale  # times n: see doc
+        scaled: dict[tuple, torch.Tensor] = {}  # c * A, for inputs shared by several layers
+        left = dict(self._uses)
         for p in self._params:
-            cs = contribs.get(p)
-            if not cs:  # empty batch (or unused parameter): contributes zero
-                p.grad = torch.zeros_like(p)
-                continue
-            p.grad = sum(self._clipped_sum(k, m, a, g, c.to(g.dtype), p)
-                         for k, m, (a, g) in cs).reshape(p.shape).to(p.dtype)
+            grad = None
+            ps = self._small.pop(p, None)
+            if ps is not None:
+                grad = (c.to(ps.dtype) @ ps.reshape(units, -1)).reshape(p.shape)
+            for kept in self._kept.pop(p, []):
+                grad = self._clipped(kept, c, p, grad, scaled, left)
+            p.grad = torch.zeros_like(p) if grad is None else grad.to(p.dtype)
         self.last_norms = norms.detach()
-        self._records = {}
+        self._reset()
         return norms
+
+    @staticmethod
+    def _clipped(kept: _Kept, c: torch.Tensor, p: nn.Parameter, out: torch.Tensor | None,
+                 scaled: dict, left: dict) -> torch.Tensor:
+        """out + sum_i c_i * grad_i of one contribution, without per-sample tensors."""
+        a, g = kept.a, kept.g
+        c = c.to(g.dtype).view(-1, 1, 1)
+        if kept.kind == "embedding":
+            if out is None:
+                out = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
+            return out.index_add_(0, a.reshape(-1), (g * c).reshape(-1, g.shape[-1]))
+        d_in, d_out = a.shape[-1], g.shape[-1]
+        if d_in <= d_out or kept.key in scaled:  # rescale the (narrower or shared) input
+            a_c = scaled.get(kept.key)
+            if a_c is None:
+                a_c = a * c
+            left[kept.key] -= 1
+            if left[kept.key] > 0:
+                scaled[kept.key] = a_c
+            else:
+                scaled.pop(kept.key, None)
+            lhs, rhs = g.reshape(-1, d_out), a_c.reshape(-1, d_in)
+        else:
+            lhs, rhs = (g * c).reshape(-1, d_out), a.reshape(-1, d_in)
+        if out is None:
+            return lhs.t() @ rhs  # one GEMM: [d_out, U*S] x [U*S, d_in]
+        return out.addmm_(lhs.t(), rhs)
 
 
 class _ClipFirst:
-    """Asks the BK module for the clipped sum before Opacus' pre-step (noise, scale, hook)."""
+    """Asks the BK module for the clipped sum before Opacus' pre-step (accumulate over
+    physical batches; on the last one of a logical batch: noise, scale, accountant hook)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, module: BKGradSampleModule,
                  **kwargs: Any):

@@ -11,6 +11,9 @@ training loop itself does not change. What this module adds to Opacus:
   any accountant, and a state that resumes the same ledger;
 * Poisson sampling whose draws depend only on ``(seed, epoch)``, so a resumed run samples the
   same batches, and which yields correctly shaped empty batches (accounted like any other step);
+* ``privacy.max_physical_batch_size``: logical batches split into physical ones through
+  Opacus' virtual-step machinery (:class:`PhysicalBatchSampler`); the accountant counts
+  logical steps only;
 * user-level DP: sample users, take up to ``privacy.max_examples_per_user`` of each sampled
   user's rows, and clip each user's summed gradient (see :mod:`safelm.privacy.users`).
 """
@@ -29,6 +32,7 @@ from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
@@ -69,6 +73,46 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
             if b >= self.start:
                 chosen = mask.nonzero(as_tuple=False).reshape(-1)
                 yield chosen[chosen % self.world == self.rank].tolist()
+
+
+class PhysicalBatchSampler(BatchSplittingSampler):
+    """Logical (Poisson) batches cut into physical batches of at most ``max_batch_size`` rows.
+
+    This is Opacus' ``BatchMemoryManager`` mechanism: before each physical batch the
+    optimizer is told whether a logical step ends with it (``signal_skip_step``); until then
+    ``optimizer.step()`` only accumulates the clipped per-sample gradients, and noise, the
+    parameter update and the accountant's step happen once per logical batch. So splitting
+    changes memory, not the update (up to float rounding) and not the privacy accounting.
+
+    What it adds: cuts fall on unit boundaries (a user's ``rows_per_unit`` rows are clipped
+    together, so they must share a physical batch); ``len()`` and ``set_epoch`` are those of
+    the logical sampler, since the Trainer counts and resumes optimizer steps; and a new pass
+    first drops skip signals left by a pass abandoned after its last batch was drawn (the
+    Trainer stops on a budget or step limit only at a logical-batch boundary, but the signal
+    for the first piece of the next batch is already queued by then).
+    """
+
+    def __init__(self, sampler, max_batch_size: int, optimizer: DPOptimizer,
+                 rows_per_unit: int = 1):
+        super().__init__(sampler=sampler, max_batch_size=max_batch_size, optimizer=optimizer)
+        self.rows = rows_per_unit
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # logical batches: optimizer steps
+
+    def __iter__(self):
+        self.optimizer._step_skip_queue.clear()  # Opacus' queue of signal_skip_step flags
+        per = max(1, self.max_batch_size // self.rows) * self.rows
+        for batch in self.sampler:
+            pieces = [batch[i:i + per] for i in range(0, len(batch), per)] or [[]]
+            for piece in pieces[:-1]:
+                self.optimizer.signal_skip_step(do_skip=True)
+                yield piece
+            self.optimizer.signal_skip_step(do_skip=False)  # the logical step ends here
+            yield pieces[-1]
 
 
 def resolve_mode(model: nn.Module, mode: str) -> str:
@@ -162,6 +206,13 @@ class DifferentialPrivacy:
             sampler = PoissonBatchSampler(num_samples=self.n_units, sample_rate=self.sample_rate,
                                           steps=steps, seed=self.seed, rank=ddp.rank,
                                           world=ddp.world)
+        physical = self.cfg.max_physical_batch_size
+        if physical:
+            if physical < rows:
+                raise UserError(f"privacy.max_physical_batch_size={physical} is below the "
+                                f"{rows} rows of one {self.cfg.unit}, which must stay in one "
+                                f"physical batch; set it to at least {rows} (or 0: no split)")
+            sampler = PhysicalBatchSampler(sampler, physical, dp_opt, rows_per_unit=rows)
         loader = DataLoader(dataset, batch_sampler=sampler,
                             collate_fn=collate_with_padding(dataset),
                             generator=torch.Generator().manual_seed(self.seed))
@@ -254,6 +305,8 @@ def validate(cfg: PrivacyConfig, n_units: int) -> None:
     if cfg.grad_sample_mode not in MODES:
         raise UserError(f"privacy.grad_sample_mode={cfg.grad_sample_mode!r} is not one of "
                         f"{', '.join(MODES)}")
+    if cfg.max_physical_batch_size < 0:
+        raise UserError("privacy.max_physical_batch_size must be >= 0 (0: no split)")
     if cfg.max_examples_per_user < 1:
         raise UserError("privacy.max_examples_per_user must be >= 1")
 

@@ -1,0 +1,163 @@
+"""The model card: release.json told to people, as MODEL_CARD.md and MODEL_CARD.html.
+
+Both are rendered from the same list of sections built from release.json alone, so the card
+can never say something the machine-readable manifest does not (and both are hashed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from ..reporting import esc, md_table, page
+from ..reporting import table as html_table
+
+Block = Union[tuple[str, str], tuple[str, list[str]], tuple[str, list[str], list[list[str]]]]
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _counts(d: Any) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) if isinstance(d, dict) else "n/a"
+
+
+def _ci(ci: Any) -> str:
+    return f"[{_f(ci[0])}, {_f(ci[1])}]" if isinstance(ci, list) and len(ci) == 2 else ""
+
+
+def intended_use(cfg: Any, ledger: dict | None, fair: dict | None, emp: dict | None,
+                 opts: Any) -> dict[str, Any]:
+    """Use, out-of-scope uses and limitations: the user's words, then what the numbers say."""
+    task = cfg.train.task
+    use = opts.intended_use or (
+        f"Research and demonstration: classifying short English texts as "
+        f"{', '.join(cfg.data.labels)}, on text like the training data." if task == "classify"
+        else "Research and demonstration: generating and scoring short English text in the "
+             "style of the training corpus.")
+    out = list(opts.out_of_scope) or [
+        "Decisions about individuals (credit, hiring, housing, health, policing).",
+        "Text unlike the training data (other languages, domains or lengths)."]
+    lim = list(opts.limitations)
+    lim.append(f"A small {cfg.model.arch} ({cfg.model.n_layer} layers, width "
+               f"{cfg.model.d_model}) trained on one dataset; expect errors.")
+    if ledger is None:
+        lim.append("Not trained with differential privacy: it may memorize and reveal "
+                   "training examples.")
+    else:
+        lim.append(f"The privacy guarantee covers each {ledger.get('unit', 'example')}'s "
+                   "data in training; evaluation metrics and audits are not privatized.")
+    lim.append("No fairness audit was attached." if fair is None else
+               f"The fairness audit flagged {fair['n_flagged']} of {fair['n_disparities']} "
+               "disparities (see below).")
+    if emp is None:
+        lim.append("No empirical privacy audit was attached.")
+    return {"use": use, "out_of_scope": out, "limitations": lim}
+
+
+def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
+    """The card's content, in reading order."""
+    mod, data, priv, ev = m["model"], m["data"], m["privacy"], m["evaluation"]
+    iu = m["intended_use"]
+    secs: list[tuple[str, list[Block]]] = [
+        ("Model", [("ul", [f"task: {mod['task']}, architecture: {mod['arch']} "
+                           f"({mod.get('n_layer')} layers, {mod.get('n_head')} heads, width "
+                           f"{mod.get('d_model')}, context {mod.get('block_size')} tokens)",
+                           f"parameters: {mod['n_parameters']:,}; vocabulary "
+                           f"{mod.get('vocab_size')}"] +
+                   ([f"labels: {', '.join(mod['labels'])}"] if mod.get("labels") else []))]),
+        ("Intended use", [("p", iu["use"]), ("p", "Out of scope:"), ("ul", iu["out_of_scope"]),
+                          ("p", "Limitations:"), ("ul", iu["limitations"])]),
+        ("Training data", [("p", data["description"]), ("ul", [
+            f"file sha256: {data.get('sha256') or 'n/a'}",
+            f"rows per split: {_counts(data.get('rows'))}; blocks: {_counts(data.get('blocks'))}",
+            f"group columns: {', '.join(data['columns']['groups']) or 'none'}"]
+            + ([data["note"]] if data.get("note") else []))]),
+        ("Privacy guarantee", _privacy(priv)),
+        ("Empirical privacy audit", _empirical(m["empirical_privacy_audit"], priv)),
+        ("Fairness audit", _fairness(m["fairness_audit"])),
+        ("Evaluation", [("table", ["metric", ev.get("split") or "validation"],
+                         [[k, _f(v)] for k, v in (ev["metrics"] or ev["validation"]).items()])]),
+        ("Reproducibility", [("ul", [f"{k}: {v}" for k, v in m["seeds"].items()] +
+                              [f"{k} {v}" for k, v in m["versions"].items()
+                               if isinstance(v, str)])]),
+        ("Files and verification", [
+            ("table", ["file", "sha256"], [[k, v] for k, v in m["files"].items()]),
+            ("p", "release.json lists every file but itself and release.sha256; release.sha256 "
+                  "lists every file but itself. Check everything with `safelm verify DIR "
+                  "[--policy FILE]`, or the hashes alone with `sha256sum -c release.sha256`.")]),
+    ]
+    return secs
+
+
+def _privacy(p: dict[str, Any]) -> list[Block]:
+    if not p["enabled"]:
+        return [("p", p["statement"])]
+    hist = [[_f(s), _f(q), str(n)] for s, q, n in p["history"]]
+    return [("p", p["statement"]), ("ul", [
+        f"epsilon {_f(p['epsilon'])} (target {_f(p['target_epsilon'])}), delta "
+        f"{_f(p['delta'])}, unit: {p['unit']}, accountant: {p['accountant']}, "
+        f"sampling: {p['sampling']}, max_grad_norm {_f(p['max_grad_norm'])}",
+        f"recomputed from the history with a fresh accountant: "
+        f"{_f(p['recomputed_epsilon'])}"]),
+        ("table", ["noise multiplier", "sample rate", "steps"], hist)]
+
+
+def _empirical(e: dict[str, Any] | None, priv: dict[str, Any]) -> list[Block]:
+    if e is None:
+        return [("p", "No empirical privacy audit was attached to this release.")]
+    return [("p", f"Membership-inference and canary attacks give an empirical lower bound "
+                  f"epsilon >= {_f(e['empirical_epsilon'])} (confidence "
+                  f"{_f(e['confidence'])}), against the claimed "
+                  f"{_f(priv['epsilon'])}. The audit's own verdict: "
+                  f"{'passed' if e['passed'] else 'failed' if e['passed'] is False else 'n/a'}."),
+            ("ul", [", ".join(f"{k} {_f(v)}" for k, v in a.items()) for a in e["attacks"]])]
+
+
+def _fairness(f: dict[str, Any] | None) -> list[Block]:
+    if f is None:
+        return [("p", "No fairness audit was attached to this release.")]
+    rows = [[str(d["slice"]), str(d["group"]), f"{d['metric']} {d['kind']}", _f(d["value"]),
+             _ci(d["ci"]), _f(d["threshold"]), "yes" if d["flagged"] else "no"]
+            for d in f["worst"]]
+    return [("p", f"{f['n_flagged']} of {f['n_disparities']} disparities flagged (a flag "
+                  "needs the whole interval beyond the tolerance). The largest:"),
+            ("table", ["slice", "group", "disparity", "value", "interval", "tolerance",
+                       "flagged"], rows), ("ul", f["flagged"])]
+
+
+def markdown(m: dict[str, Any]) -> str:
+    out = [f"# Model card: {m['name']}", "", f"Released {m['created']} "
+           f"(release schema {m['schema_version']}).", ""]
+    for title, blocks in sections(m):
+        out += [f"## {title}", ""]
+        for b in blocks:
+            if b[0] == "p":
+                out += [str(b[1]), ""]
+            elif b[0] == "ul":
+                out += [f"- {x}" for x in b[1]] + [""] if b[1] else []
+            else:
+                out += [md_table(b[1], b[2]), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def html_page(m: dict[str, Any]) -> str:
+    body = [f"<h1>Model card: {esc(m['name'])}</h1>",
+            f'<p class="meta">Released {esc(m["created"])} (release schema '
+            f'{esc(m["schema_version"])}).</p>']
+    for title, blocks in sections(m):
+        body.append(f"<h2>{esc(title)}</h2>")
+        for b in blocks:
+            if b[0] == "p":
+                body.append(f"<p>{esc(b[1])}</p>")
+            elif b[0] == "ul":
+                body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in b[1]) + "</ul>"
+                            if b[1] else "")
+            else:
+                body.append(html_table([esc(h) for h in b[1]],
+                                       [[esc(c) for c in r] for r in b[2]]))
+    return page(f"Model card: {m['name']}", "".join(body))

@@ -1,0 +1,210 @@
+"""What a release says about its audits, its data and its evaluation, read from the run dir
+and from the audits' report.json files.
+
+Why summaries and not copies: the fairness report names every group and its metrics (useful,
+and kept in the report itself), while a release must stay small and must never carry raw text;
+the privacy audit's report may hold the planted canary secrets. So only counts, numbers and
+short labels are taken, and the source report is pinned by its sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from safelm.errors import UserError
+from safelm.hashing import file_sha256
+
+from ..common import jsonable
+
+N_WORST = 5
+MAX_LABEL = 80  # strings longer than this are dropped from audit summaries (never raw text)
+
+
+def report_json_path(given: str | Path, what: str) -> Path:
+    """The report.json meant by ``given``: the file, the HTML beside it, or its folder."""
+    p = Path(given)
+    if p.is_dir():
+        p = p / "report.json"
+    elif p.suffix.lower() in (".html", ".md"):
+        p = p.with_name("report.json")
+    if not p.is_file():
+        raise UserError(f"{what} {given}: no report.json there; pass the report.json (or "
+                        "the folder) that the audit wrote")
+    return p
+
+
+def read_report(path: Path, what: str, required: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path}: not readable JSON ({e})") from None
+    missing = [k for k in required if not isinstance(tree, dict) or k not in tree]
+    if missing:
+        raise UserError(f"{what} {path}: missing key(s) {', '.join(missing)}; is this the "
+                        "report.json of the right audit?")
+    return tree
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and \
+        math.isfinite(float(x)) else None
+
+
+def _scalars(d: Any, strings: bool = True) -> dict[str, Any]:
+    """Numbers, booleans, nulls and short strings of a dict (nothing nested, no long text)."""
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): v for k, v in d.items()
+            if v is None or isinstance(v, (bool, int, float)) or
+            (strings and isinstance(v, str) and len(v) <= MAX_LABEL)}
+
+
+# ---- fairness ------------------------------------------------------------------------------
+def excess(d: dict[str, Any]) -> float:
+    """How far a disparity is from parity, in units of its tolerance (for ranking)."""
+    v, t = _num(d.get("value")), _num(d.get("threshold"))
+    if v is None:
+        return 0.0
+    if d.get("kind") == "ratio":
+        gap = 1.0 - min(v, 1.0 / v) if v > 0 else 1.0
+        r = min(t, 1.0 / t) if t else None  # a ratio tolerance r stands for [r, 1/r]
+        return gap / (1.0 - r) if r is not None and r < 1 else gap
+    return abs(v) / t if t else abs(v)
+
+
+def _group(d: dict[str, Any]) -> str:
+    """Who a disparity is about: a group against overall, or the two extremes of a slice."""
+    if d.get("max_group") is not None or d.get("min_group") is not None:
+        return f"{d.get('max_group')} vs {d.get('min_group')}"
+    return str(d.get("label") or d.get("group") or d.get("reference") or "")
+
+
+def fairness_summary(path: str | Path) -> dict[str, Any]:
+    """n flagged, the worst disparities with their intervals, and the extremes policies use."""
+    p = report_json_path(path, "--fairness-report")
+    rep = read_report(p, "--fairness-report", ("disparities",))
+    disp = [d for d in rep["disparities"] if isinstance(d, dict)]
+    ranked = sorted(disp, key=lambda d: (bool(d.get("flagged")), excess(d)), reverse=True)
+    worst = [{"slice": d.get("slice"), "group": _group(d),
+              "metric": d.get("metric"), "kind": d.get("kind"),
+              "reference": d.get("reference"), "value": _num(d.get("value")),
+              "ci": jsonable(d.get("ci")), "threshold": _num(d.get("threshold")),
+              "flagged": bool(d.get("flagged"))} for d in ranked[:N_WORST]]
+    big = [d for d in disp if not d.get("small")]
+    diffs = [abs(v) for d in big if d.get("kind") == "difference"
+             and (v := _num(d.get("value"))) is not None]
+    ratios = [v for d in big if d.get("kind") == "ratio" and (v := _num(d.get("value")))
+              is not None]
+    summary = rep.get("summary") if isinstance(rep.get("summary"), dict) else {}
+    overall = (rep.get("overall") or {}).get("metrics", {}) if isinstance(rep.get("overall"),
+                                                                        dict) else {}
+    return jsonable({
+        "report_sha256": file_sha256(p), "sensitive": rep.get("sensitive"),
+        "n_disparities": len(disp), "n_flagged": sum(bool(d.get("flagged")) for d in disp),
+        "flagged": [s for s in summary.get("flagged", []) if isinstance(s, str)][:10],
+        "worst": worst,
+        "max_abs_difference": max(diffs) if diffs else None,
+        "min_ratio": min(ratios) if ratios else None,
+        "overall": {m: {"value": _num(v.get("value")), "ci": v.get("ci")}
+                    for m, v in overall.items() if isinstance(v, dict)},
+        "inputs": _scalars(rep.get("inputs")),
+    })
+
+
+# ---- empirical privacy audit ---------------------------------------------------------------
+def _canaries(c: Any) -> dict[str, Any]:
+    """Counts and numbers only: the canary strings are secrets planted in the training data."""
+    if isinstance(c, list):
+        return {"n": len(c)}
+    return _scalars(c, strings=False)
+
+
+def _value(x: Any) -> float | None:
+    """A number given plainly or as ``{"value": ...}`` (both forms occur in reports)."""
+    return _num(x.get("value")) if isinstance(x, dict) else _num(x)
+
+
+def _attack(a: dict[str, Any]) -> dict[str, Any]:
+    """An attack's name, AUC, empirical epsilon and TPR at each low FPR."""
+    out = _scalars(a)
+    out["empirical_epsilon"] = _value(a.get("empirical_epsilon"))
+    tpr = a.get("tpr_at_fpr")
+    if isinstance(tpr, dict):
+        out.update({f"tpr_at_fpr_{k}": _value(v) for k, v in tpr.items()})
+    return out
+
+
+def _same_model(rep: dict[str, Any], p: Path, weights_sha256: str | None,
+                claimed: float | None) -> None:
+    """Refuse an audit of another model: by its weights hash when the report records one,
+    else by its claimed epsilon (a report without either cannot be tied to this run)."""
+    inputs = rep.get("inputs") if isinstance(rep.get("inputs"), dict) else {}
+    audited = inputs.get("model.safetensors_sha256")
+    if audited is not None:
+        if audited != weights_sha256:
+            raise UserError(f"--privacy-audit {p}: it audited other weights (sha256 "
+                            f"{str(audited)[:12]}..., this run's are {str(weights_sha256)[:12]}"
+                            "...); audit this run and pass that report")
+        return
+    rc = _num(rep.get("claimed_epsilon"))
+    if (rc is None) != (claimed is None) or (rc is not None and claimed is not None and
+                                             abs(rc - claimed) > 1e-3 * max(1.0, claimed)):
+        raise UserError(f"--privacy-audit {p}: its claimed_epsilon {rep['claimed_epsilon']} "
+                        f"is not this run's epsilon {claimed}; audit this run and pass that "
+                        "report")
+
+
+def privacy_audit_summary(path: str | Path, claimed: float | None,
+                          weights_sha256: str | None = None) -> dict[str, Any]:
+    """The empirical lower bound on epsilon, its confidence and the attacks behind it."""
+    p = report_json_path(path, "--privacy-audit")
+    rep = read_report(p, "--privacy-audit", ("empirical_epsilon", "claimed_epsilon"))
+    _same_model(rep, p, weights_sha256, claimed)
+    emp = rep["empirical_epsilon"]
+    conf = emp.get("confidence") if isinstance(emp, dict) else None
+    attacks = rep.get("attacks")
+    attacks = list(attacks.values()) if isinstance(attacks, dict) else attacks or []
+    return jsonable({
+        "report_sha256": file_sha256(p),
+        "empirical_epsilon": _value(emp),
+        "confidence": _num(conf if conf is not None else rep.get("confidence")),
+        "claimed_epsilon": _num(rep.get("claimed_epsilon")), "delta": _num(rep.get("delta")),
+        "passed": rep.get("passed") if isinstance(rep.get("passed"), bool) else None,
+        "verdict": rep.get("verdict") if isinstance(rep.get("verdict"), str) else None,
+        "attacks": [_attack(a) for a in attacks if isinstance(a, dict)],
+        "canaries": _canaries(rep.get("canaries")),
+        "inputs": _scalars(rep.get("inputs")),
+    })
+
+
+# ---- evaluation and data -------------------------------------------------------------------
+def evaluation(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's held-out test metrics (the last ``kind: test`` record) and final validation."""
+    test = next((r for r in reversed(records) if r.get("kind") == "test"), None)
+    last = next((r for r in reversed(records) if any(k.startswith("val_") for k in r)), None)
+
+    def pick(r: dict[str, Any] | None, prefix: str) -> dict[str, float]:
+        return {k[len(prefix):]: v for k, v in (r or {}).items()
+                if k.startswith(prefix) and _num(v) is not None}
+    return {"split": "test" if test else None, "step": (test or last or {}).get("step"),
+            "metrics": pick(test, "test_"), "validation": pick(last, "val_")}
+
+
+def data_fingerprint(run_dir: Path, cfg: Any, description: str | None) -> dict[str, Any]:
+    """Counts and the sha256 of the training file (data.json); never a row of text."""
+    info_path = run_dir / "data.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    return {"description": description or "not described (pass --data-description)",
+            "sha256": info.get("sha256"), "file_name": Path(info["path"]).name
+            if info.get("path") else None,
+            "rows": info.get("rows"), "blocks": info.get("blocks"),
+            "columns": {"text": cfg.data.text_col, "label": cfg.data.label_col,
+                        "user": cfg.data.user_col, "groups": list(cfg.data.group_cols)},
+            "labels": list(cfg.data.labels),
+            "split": {"val_frac": cfg.data.val_frac, "test_frac": cfg.data.test_frac,
+                      "seed": cfg.train.seed},
+            "note": None if info else "the run dir has no data.json (e.g. a federated run): "
+                                      "no fingerprint of its data"}

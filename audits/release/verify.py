@@ -1,0 +1,154 @@
+"""``safelm verify``: integrity, schema, then the policy's gates, one verdict line each.
+
+Order matters: the policy reads release.json, so it is evaluated only when release.json has
+the schema (otherwise one ``FAIL policy`` line says so). Integrity failures do not stop the
+policy gates, so a reader sees everything that is wrong at once; any failure exits 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from safelm.errors import UserError
+from safelm.hashing import file_sha256
+
+from . import manifest as mf
+from .policy import Policy
+
+REL_TOL = 1e-3  # a claim may sit this far (relative) below a recomputation by another version
+
+
+@dataclass
+class Gate:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+def verify_release(release: str | Path, policy: Policy | None = None) -> list[Gate]:
+    """Every gate's verdict for the release dir ``release`` under ``policy``."""
+    d, policy = Path(release), policy or Policy()
+    if not d.is_dir():
+        raise UserError(f"{d}: no such release dir; pass the --out of 'safelm release'")
+    if not (d / mf.RELEASE_JSON).exists() and not (d / mf.SUMS).exists():
+        raise UserError(f"{d}: not a release dir (no {mf.RELEASE_JSON} or {mf.SUMS}); make "
+                        "one with 'safelm release RUN_DIR --out DIR'")
+    m = mf.read_manifest(d)
+    problems = mf.check_integrity(d, m)
+    gates = [Gate("integrity", not problems, "; ".join(problems[:6]) + (
+        f" (+{len(problems) - 6} more)" if len(problems) > 6 else "") if problems else
+        f"{len(m['files']) + 2} files, every sha256 matches; release digest "
+        f"{file_sha256(d / mf.SUMS)}")]
+    schema = mf.check_schema(m, d)
+    gates.append(Gate("schema", not schema, "; ".join(schema[:6]) if schema else
+                      f"{mf.KIND} schema {mf.SCHEMA_VERSION}, privacy claim matches "
+                      "privacy.json" if m and m["privacy"]["enabled"] else
+                      f"{mf.KIND} schema {mf.SCHEMA_VERSION}"))
+    if schema:
+        return gates + [Gate("policy", False, "not evaluated: release.json does not follow "
+                                              "the schema")]
+    for name, check in policy_gates(policy, m):
+        try:
+            ok, detail = check()
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+            ok, detail = False, f"malformed value in release.json ({type(e).__name__}: {e})"
+        gates.append(Gate(name, ok, detail))
+    return gates
+
+
+def _claim(m: dict[str, Any]) -> float | None:
+    p = m["privacy"]
+    eps = p.get("epsilon") if p.get("enabled") else None
+    return float(eps) if isinstance(eps, (int, float)) and math.isfinite(eps) else None
+
+
+def policy_gates(pol: Policy, m: dict[str, Any]
+                 ) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
+    """(gate name, check) for every gate the policy turns on, in reporting order."""
+    priv, emp, fair = m["privacy"], m["empirical_privacy_audit"], m["fairness_audit"]
+    eps = _claim(m)
+    no_dp = "not trained with DP" if not priv.get("enabled") else "DP without noise: no " \
+        "finite epsilon"
+    gates: list[tuple[str, Callable[[], tuple[bool, str]]]] = []
+    if pol.require_dp:
+        gates.append(("require_dp", lambda: (eps is not None, f"epsilon {eps:.4g}, delta "
+                      f"{priv['delta']:g}, per {priv['unit']}" if eps is not None else no_dp)))
+    if pol.max_epsilon is not None:
+        gates.append(("max_epsilon", lambda: (eps is not None and eps <= pol.max_epsilon,
+                      f"epsilon {eps:.4g} vs max {pol.max_epsilon:g}" if eps is not None
+                      else f"{no_dp} (epsilon infinite) vs max {pol.max_epsilon:g}")))
+    if pol.max_delta is not None:
+        delta = priv.get("delta")
+        gates.append(("max_delta", lambda: (eps is not None and delta <= pol.max_delta,
+                      f"delta {delta} vs max {pol.max_delta:g}")))
+    if pol.recompute_epsilon and eps is not None:
+        gates.append(("epsilon_recomputes", lambda: _recompute_gate(priv, eps)))
+    if pol.require_empirical_audit:
+        gates.append(("require_empirical_audit", lambda: (
+            emp is not None and emp.get("empirical_epsilon") is not None,
+            "attached" if emp else "no empirical privacy audit attached (release with "
+                                   "--privacy-audit)")))
+    if pol.empirical_le_claimed and emp is not None:
+        gates.append(("empirical_le_claimed", lambda: _empirical_gate(emp, eps)))
+    if pol.require_fairness_audit:
+        gates.append(("require_fairness_audit", lambda: (fair is not None, "attached" if fair
+                      else "no fairness audit attached (release with --fairness-report)")))
+    for key, field, better in (("max_flagged_disparities", "n_flagged", "le"),
+                               ("max_abs_difference", "max_abs_difference", "le"),
+                               ("min_ratio", "min_ratio", "ge")):
+        limit = getattr(pol, key)
+        if limit is not None:
+            gates.append((key, lambda f=field, lim=limit, b=better: _fair_gate(fair, f, lim, b)))
+    return gates
+
+
+def _recompute_gate(priv: dict[str, Any], eps: float) -> tuple[bool, str]:
+    from .accounting import recompute
+    again = recompute(priv["history"], priv["delta"], priv["accountant"])
+    if again is None:
+        return False, f"the history gives no finite epsilon, yet {eps:.4g} is claimed"
+    ok = eps >= again * (1 - REL_TOL)
+    return ok, (f"a fresh {priv['accountant']} accountant gives {again:.4g} from the history; "
+                f"claimed {eps:.4g}" + ("" if ok else " (the claim understates it)"))
+
+
+def _empirical_gate(emp: dict[str, Any], eps: float | None) -> tuple[bool, str]:
+    bound = emp.get("empirical_epsilon")
+    conf = emp.get("confidence")
+    claim = f"{eps:.4g}" if eps is not None else "infinity (no DP)"
+    if bound is None:
+        return True, f"the audit reports no finite lower bound; claimed {claim}"
+    ok = eps is None or bound <= eps
+    return ok, (f"empirical lower bound {bound:.4g} (confidence {conf}) vs claimed {claim}"
+                + ("" if ok else ": the attacks show more leakage than the guarantee allows"))
+
+
+def _fair_gate(fair: dict[str, Any] | None, field: str, limit: float, better: str
+               ) -> tuple[bool, str]:
+    if fair is None:
+        return False, "no fairness audit attached, so the limit cannot be shown to hold"
+    v = fair.get(field)
+    if v is None:
+        return True, f"no {field.replace('_', ' ')} in the audit"
+    ok = v <= limit if better == "le" else v >= limit
+    shown = f"{v}" if isinstance(v, int) else f"{v:.4g}"
+    worst = [w for w in fair.get("worst", []) if w.get("flagged")][:2]
+    tail = "" if ok or not worst else "; worst: " + "; ".join(
+        f"{w['slice']} {w['group']} {w['metric']} {w['kind']} {w['value']:.3g} {w['ci']}"
+        for w in worst)
+    return ok, f"{field} {shown} vs {'max' if better == 'le' else 'min'} {limit:g}{tail}"
+
+
+def report(gates: list[Gate]) -> tuple[list[str], int]:
+    """Output lines (one per gate, then a verdict) and the exit status (0 all pass, 1 not)."""
+    failed = [g.name for g in gates if not g.ok]
+    lines = [g.line() for g in gates]
+    lines.append(f"verify: FAILED {len(failed)} of {len(gates)} gates: {', '.join(failed)}"
+                 if failed else f"verify: all {len(gates)} gates passed")
+    return lines, 1 if failed else 0

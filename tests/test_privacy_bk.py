@@ -1,0 +1,119 @@
+"""The one-backward clipping's less travelled paths, and logical batches split into physical
+ones (privacy.max_physical_batch_size): same noiseless clipped update, same accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safelm import Config
+from safelm.config import ModelConfig, PrivacyConfig
+from safelm.data import BlockDataset, Encoded
+from safelm.errors import UserError
+from safelm.model import build_model
+from safelm.privacy import DifferentialPrivacy
+from safelm.privacy.bk import BKGradSampleModule
+from safelm.trainer import Trainer, batch_loss
+from test_privacy import T, V, make_batch, reference_per_sample
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("rows_per_unit", [None, 2])
+def test_materialized_norms_match_reference(task, rows_per_unit):
+    """d_model 8 < T: materializing per-sample gradients is cheaper than the ghost norm for
+    every Linear, so this exercises that path (the tests in test_privacy.py take the ghost
+    path), with the tied head and embedding and with units of two rows."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, d_model=8, n_head=2, block_size=T, vocab_size=V, dropout=0.0,
+                      tie_weights=True, num_classes=3)
+    model = build_model(cfg, task).double()
+    batch = make_batch(6, task, seed=2)
+    ref = reference_per_sample(model, batch, task)
+    if rows_per_unit:  # a unit's gradient is the sum of its rows' gradients
+        ref = {k: g.reshape(-1, rows_per_unit, *g.shape[1:]).sum(1) for k, g in ref.items()}
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    C = float(norms.median())
+    factor = (C / (norms + 1e-6)).clamp(max=1.0)
+    wrapped = BKGradSampleModule(model, C, rows_per_unit=rows_per_unit)
+    batch_loss(wrapped, batch, task)[0].backward()
+    got_norms = wrapped.clip_and_sum()
+    torch.testing.assert_close(got_norms, norms, rtol=1e-12, atol=1e-12)
+    for k, p in model.named_parameters():
+        expected = (ref[k] * factor.view(-1, *[1] * (ref[k].dim() - 1))).sum(0)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-13, msg=k)
+
+
+def _trainer(arch: str, physical: int, n: int = 40, batch_size: int = 8, noise: float = 0.0,
+             clip: float = 0.05, epochs: int = 1, users=None, rows: int = 1):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, n_layer=1, d_model=16, n_head=2, block_size=T,
+                                    vocab_size=V, dropout=0.0, num_classes=3), "classify")
+    model = model.double()
+    x, y, lengths, labels = make_batch(n, "classify", seed=4)
+    enc = Encoded(x, torch.zeros(n, 0, dtype=torch.long), lengths, labels, torch.arange(n))
+    tcfg = Config.load(None, ["train.task=classify", f"train.epochs={epochs}",
+                              f"train.batch_size={batch_size}", "train.progress=off"]).train
+    pcfg = PrivacyConfig(enabled=True, noise_multiplier=noise, max_grad_norm=clip, delta=1e-3,
+                         max_physical_batch_size=physical,
+                         unit="user" if users is not None else "example")
+    n_units = len(users) if users is not None else n
+    dp = DifferentialPrivacy(pcfg, n_units=n_units, batch_size=batch_size, epochs=epochs,
+                             users=users, rows_per_unit=rows)
+    tr = Trainer(model, tcfg, BlockDataset(enc), privacy=dp, num_classes=3)
+    sizes: list[int] = []
+    orig = tr._to_device
+    tr._to_device = lambda b: (sizes.append(b[0].shape[0]), orig(b))[1]
+    return tr, dp, model, sizes
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_physical_batches_give_the_unsplit_update_and_count_logical_steps(arch):
+    """Noise 0, clip small enough that every sample is clipped: splitting each Poisson batch
+    into physical batches of 3 rows changes neither the parameters nor the accountant."""
+    runs = {}
+    for physical in (0, 3):
+        tr, dp, model, sizes = _trainer(arch, physical, epochs=2)
+        for epoch in range(2):
+            tr.train_one_epoch(epoch)
+        runs[physical] = (tr, dp, model, sizes)
+    (tr0, dp0, m0, s0), (tr3, dp3, m3, s3) = runs[0], runs[3]
+    assert max(s3) <= 3 < max(s0) and sum(s3) == sum(s0)  # same rows, smaller pieces
+    assert len(s3) > len(s0)
+    assert dp3.steps == dp0.steps == tr3.global_step == tr0.global_step == len(s0)
+    assert dp3.accountant.history == dp0.accountant.history
+    assert dp3.epsilon() == dp0.epsilon()
+    for (k, a), b in zip(m0.named_parameters(), m3.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_empty_batches_under_splitting_take_one_noise_step():
+    """4 examples, expected batch 1, physical batches of 1: empty Poisson batches still make
+    one (noise-only) step each, and two-row batches are one step of two pieces."""
+    tr, dp, model, sizes = _trainer("transformer", 1, n=4, batch_size=1, noise=1.0, epochs=10)
+    before = [p.detach().clone() for p in model.parameters()]
+    for epoch in range(10):
+        tr.train_one_epoch(epoch)
+    assert sizes.count(0) >= 5 and max(sizes) == 1
+    assert dp.steps == tr.global_step == 40  # logical steps only
+    assert len(sizes) > 40  # some logical batches came in several pieces
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_user_level_splits_on_user_boundaries():
+    """Users of up to 3 rows, physical batches of at most 7 rows: 2 users (6 rows) a piece,
+    and the update equals the unsplit one."""
+    users = [[3 * u + r for r in range(3 if u % 2 else 2)] for u in range(12)]
+    runs = {}
+    for physical in (0, 7):
+        tr, dp, model, sizes = _trainer("transformer", physical, n=36, batch_size=18,
+                                        users=users, rows=3)
+        tr.train_one_epoch(0)
+        runs[physical] = (dp, model, sizes)
+    (dp0, m0, s0), (dp7, m7, s7) = runs[0], runs[7]
+    assert all(s % 3 == 0 and s <= 6 for s in s7) and sum(s7) == sum(s0) and max(s0) > 7
+    assert dp7.accountant.history == dp0.accountant.history
+    for (k, a), b in zip(m0.named_parameters(), m7.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=k)
+    with pytest.raises(UserError, match="max_physical_batch_size"):
+        _trainer("transformer", 2, n=36, batch_size=18, users=users, rows=3)
