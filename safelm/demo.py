@@ -146,8 +146,9 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
     rw_preds = None
     if not quick:  # --quick's 1,200 rows leave too few old women to reweigh by
         rw_preds = _reweighted(out, sentiment, table)
-    print(f"\nruns: {lm_dir}  {cls_dir}  {dp_dir}")
-    print(f"predictions tables: {preds}  {dp_preds}")
+    rw = f"  {out / 'classifier-reweighted'}" if rw_preds else ""
+    print(f"\nruns: {lm_dir}  {cls_dir}  {dp_dir}{rw}")
+    print(f"predictions tables: {preds}  {dp_preds}" + (f"  {rw_preds}" if rw_preds else ""))
     ctx = {"out": out, "quick": quick, "data": {"stories": stories, "sentiment": sentiment},
            "lm_run": lm_dir, "classifier_run": cls_dir, "predictions": preds,
            "dp_classifier_run": dp_dir, "dp_predictions": dp_preds,

@@ -92,7 +92,12 @@ def write_index(out: Path, rel: Path, manifest: dict[str, Any], gates: list[str]
               "what DP cost each group"),
         _link(out, ctx.get("privacy_audit_html"), "Privacy audit",
               "membership inference and canaries vs the claimed epsilon"),
+        _link(out, ctx.get("reweighted_fairness_report"), "In-training mitigation",
+              "the classifier retrained with reweighing, before and after"),
         _link(out, ctx.get("lm_bias_report"), "Language-model bias probes", ""),
+        _link(out, Path(ctx["federated_run"]) / "partitions.png" if ctx.get("federated_run")
+              else None, "Federated run: client partitions",
+              "rows, labels and group mix per simulated client"),
     ]
     body = (f"<h1>SafeLM demo</h1><p class=\"meta\">{esc(out.resolve())}</p>"
             f'<div class="lead{" ok" if ok else ""}"><b>Release verification</b><ul>'
