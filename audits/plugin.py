@@ -45,7 +45,8 @@ AUDITS: list[Audit] = [
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`, and ``safelm release``
     / ``safelm verify`` (audits/release)."""
-    p = subparsers.add_parser("audit", help="audit predictions or a run (fairness, LM bias)",
+    p = subparsers.add_parser("audit",
+                              help="audit predictions or a run (fairness, LM bias, privacy)",
                               description="Audits: " + ", ".join(a.name for a in AUDITS))
     sub = p.add_subparsers(dest="audit_kind", metavar="AUDIT", parser_class=type(p))
     for a in AUDITS:

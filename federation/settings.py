@@ -160,6 +160,10 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FedSettings
     cfg.train.epochs = fed.local_epochs
     cfg.validate()
     _validate(fed)
+    if cfg.privacy.canaries:
+        raise UserError(f"privacy.canaries={cfg.privacy.canaries}: canaries are planted in a "
+                        "central run's training split; every federated client would plant the "
+                        "same secrets, which the canary audit does not model; set it to 0")
     if cfg.privacy.enabled and fed.dp != "none":
         raise UserError(f"privacy.enabled=true (sample-level DP-SGD on clients) and dp={fed.dp} "
                         "(client-level DP) are both set; choose one")

@@ -57,6 +57,13 @@ def test_bad_values_are_one_line_user_errors(override, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_canaries_are_refused_in_federated_runs():
+    rc = app_run_config(PYPROJECT)
+    rc["privacy.canaries"] = 2
+    with pytest.raises(UserError, match="canaries"):
+        parse_run_config(rc)
+
+
 def test_unknown_key_is_refused():
     rc = app_run_config(PYPROJECT)
     rc["num-rounds"] = 3
