@@ -119,6 +119,10 @@ class BKGradSampleModule(nn.Module):
         self._uses: dict[tuple, int] = {}  # Linear layers fed each distinct input
         self._pending: dict[tuple, int] = {}  # ... of which G has not arrived yet
         self._grams: dict[tuple, torch.Tensor] = {}  # shared A A^T, until its last user
+        # Sum of G G^T over the ghost-norm layers fed one shared input: its norm share is one
+        # dot product with A A^T when the last of those layers' G has arrived.
+        self._ggsum: dict[tuple, torch.Tensor] = {}
+        self._emb_grams: dict[tuple, torch.Tensor] = {}  # g g^T of an embedding output grad
         self._norm2: torch.Tensor | None = None  # per-unit ||grad||^2 so far (unscaled)
         self._small: dict[nn.Parameter, torch.Tensor] = {}  # per-unit grads [U, *p.shape]
         self._kept: dict[nn.Parameter, list[_Kept]] = {}
@@ -160,13 +164,22 @@ class BKGradSampleModule(nn.Module):
         output.register_hook(partial(self._on_grad, module))
         return output
 
-    def _on_grad(self, module: nn.Module, g: torch.Tensor) -> None:
-        """A layer's output gradient arrived: its norm share now, keep only what the GEMM needs."""
+    def _on_grad(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor | None:
+        """A layer's output gradient arrived: its norm share now, keep only what the GEMM needs.
+
+        A non-contiguous ``g`` (the LM head's, a transposed view of the loss gradient) is made
+        contiguous once here and handed back to autograd as the gradient to use: the layer's
+        own input-gradient GEMM would otherwise copy it, and the Gram and clipped-sum GEMMs
+        below once more.
+        """
         a = self._inputs.pop(module, None)
         if a is None or a.shape[0] == 0:  # empty Poisson batch: nothing to clip
-            return
+            return None
         with torch.no_grad():
             g = g.detach()
+            new = None
+            if not g.is_contiguous():
+                g = new = g.contiguous()
             if isinstance(module, nn.Linear):
                 self._linear(module, a, g)
             elif isinstance(module, nn.Embedding):
@@ -174,6 +187,7 @@ class BKGradSampleModule(nn.Module):
                                                     self._units(g, 1)))
             else:
                 self._layer_norm(module, a, g)
+        return new
 
     def _units(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """[n, ..., *feature] -> [U, S, *feature] (``tail`` feature dims): one row per unit."""
@@ -189,8 +203,10 @@ class BKGradSampleModule(nn.Module):
         key = _key(a)
         self._add_kept(module.weight, _Kept("linear", self._units(a, 1), G, key))
         self._pending[key] -= 1
-        if self._pending[key] == 0:
-            self._grams.pop(key, None)
+        if self._pending[key] == 0:  # last layer fed this input: its ghost share, then drop
+            gram, ggsum = self._grams.pop(key, None), self._ggsum.pop(key, None)
+            if ggsum is not None:
+                self._add_norm2(_dot(gram, ggsum))
 
     def _layer_norm(self, module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> None:
         k = len(module.normalized_shape)
@@ -204,18 +220,29 @@ class BKGradSampleModule(nn.Module):
         have = self._small.get(p)
         self._small[p] = per_unit if have is None else have + per_unit
 
-    def _add_kept(self, p: nn.Parameter, c: _Kept) -> None:
-        norm2 = self._self_norm2(c)
-        for other in self._kept.get(p, []):  # shared parameter: cross terms
-            norm2 = norm2 + 2 * self._cross(other, c)
+    def _add_norm2(self, norm2: torch.Tensor) -> None:
         self._norm2 = norm2 if self._norm2 is None else self._norm2 + norm2
+
+    def _add_kept(self, p: nn.Parameter, c: _Kept) -> None:
+        norm2 = self._self_norm2(c)  # None: deferred to the shared input's last user
+        for other in self._kept.get(p, []):  # shared parameter: cross terms
+            cross = 2 * self._cross(other, c)
+            norm2 = cross if norm2 is None else norm2 + cross
+        if norm2 is not None:
+            self._add_norm2(norm2)
         self._kept.setdefault(p, []).append(c)
 
-    def _self_norm2(self, c: _Kept) -> torch.Tensor:
-        """||per-unit gradient of this contribution||^2, [U]."""
+    def _self_norm2(self, c: _Kept) -> torch.Tensor | None:
+        """||per-unit gradient of this contribution||^2, [U] (None: added later, see below)."""
         if c.kind == "embedding":
             same = (c.a.unsqueeze(2) == c.a.unsqueeze(1)).to(c.g.dtype)  # [U, S, S]
-            return _dot(same, torch.bmm(c.g, c.g.transpose(1, 2)))
+            # Token and position embeddings summed in the forward pass receive the very same
+            # gradient tensor: its Gram is formed once.
+            gkey = _key(c.g)
+            gram = self._emb_grams.get(gkey)
+            if gram is None:
+                gram = self._emb_grams[gkey] = torch.bmm(c.g, c.g.transpose(1, 2))
+            return _dot(same, gram)
         A, G = c.a, c.g
         _, S, d_in = A.shape
         d_out = G.shape[-1]
@@ -230,7 +257,16 @@ class BKGradSampleModule(nn.Module):
                 gram = torch.bmm(A, A.transpose(1, 2))
                 if share > 1:
                     self._grams[c.key] = gram
-            return _dot(gram, torch.bmm(G, G.transpose(1, 2)))
+            if share == 1:
+                return _dot(gram, torch.bmm(G, G.transpose(1, 2)))
+            # Q, K, V: <AA^T, G_q G_q^T> + <AA^T, G_k G_k^T> + ... = <AA^T, sum G G^T>, the
+            # sum accumulated in place by baddbmm (one [U, S, S] buffer, one dot at the end).
+            acc = self._ggsum.get(c.key)
+            if acc is None:
+                self._ggsum[c.key] = torch.bmm(G, G.transpose(1, 2))
+            else:
+                acc.baddbmm_(G, G.transpose(1, 2))
+            return None
         per_sample = torch.bmm(G.transpose(1, 2), A)  # [U, d_out, d_in]
         return _dot(per_sample, per_sample)
 
@@ -255,6 +291,11 @@ class BKGradSampleModule(nn.Module):
         """Per-sample norms -> clip factors -> p.grad = sum of clipped gradients."""
         for leaf in self._leaves:  # nobody reads these [B, T, d] gradients: free them first
             leaf.grad = None
+        for key, ggsum in self._ggsum.items():  # a layer whose output went unused
+            self._add_norm2(_dot(self._grams[key], ggsum))
+        self._ggsum.clear()
+        self._grams.clear()
+        self._emb_grams.clear()
         n = self._rows
         units = n // self.rows_per_unit if self.rows_per_unit else n
         self.n_units = units
@@ -288,7 +329,11 @@ class BKGradSampleModule(nn.Module):
         if kept.kind == "embedding":
             if out is None:
                 out = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
-            return out.index_add_(0, a.reshape(-1), (g * c).reshape(-1, g.shape[-1]))
+            gkey = ("embedding",) + _key(g)  # token and position embeddings share their g
+            g_c = scaled.get(gkey)
+            if g_c is None:
+                g_c = scaled[gkey] = (g * c).reshape(-1, g.shape[-1])
+            return out.index_add_(0, a.reshape(-1), g_c)
         d_in, d_out = a.shape[-1], g.shape[-1]
         if d_in <= d_out or kept.key in scaled:  # rescale the (narrower or shared) input
             a_c = scaled.get(kept.key)
