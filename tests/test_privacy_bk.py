@@ -117,3 +117,13 @@ def test_user_level_splits_on_user_boundaries():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=k)
     with pytest.raises(UserError, match="max_physical_batch_size"):
         _trainer("transformer", 2, n=36, batch_size=18, users=users, rows=3)
+
+
+def test_keep_freed_memory_is_applied_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from safelm.privacy.memory import keep_freed_memory
+    monkeypatch.setenv("SAFELM_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("SAFELM_KEEP_FREED_MEMORY")
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
