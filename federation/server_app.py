@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from typing import Any
 
@@ -43,13 +44,28 @@ def wait_for_nodes(grid: Grid, need: int, timeout: float) -> list[int]:
     return nodes
 
 
-def write_partitions(data: task.ServerData, fed: FedSettings, n: int, store: RunStore) -> None:
-    """partitions.csv/.png: rows, labels and group mix per client, as every client computes."""
+def write_partitions(data: task.ServerData, fed: FedSettings, n: int, store: RunStore
+                     ) -> threading.Thread:
+    """partitions.csv/.png: rows, labels and group mix per client, as every client computes.
+
+    The table is computed here; the files (matplotlib's import and rendering take about a
+    second) are written by a thread while the clients train round 1, when this process only
+    waits for replies, so training does not wait for a report. ``run_server`` joins it.
+    """
     client = task.partition_rows(data.cfg, fed, data.pool, n)
     cols = (["label"] if data.cfg.train.task == "classify" else []) + list(
         data.cfg.data.group_cols)
     table = partition.partition_table(client, data.pool, cols, n)
-    partition.write_partition_report(table, store.out, title=f"{fed.partitioning}, {n} clients")
+
+    def write() -> None:
+        try:
+            partition.write_partition_report(table, store.out,
+                                             title=f"{fed.partitioning}, {n} clients")
+        except Exception as e:  # a report must not stop the federation; say so in the log
+            log.warning("partitions report not written: %s", e)
+    thread = threading.Thread(target=write, name="partitions-report", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_server(grid: Grid, context: Context) -> dict[str, Any]:
@@ -73,9 +89,6 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     setup = {"data_s": time.perf_counter() - t0}
     nodes = wait_for_nodes(grid, fed.min_nodes, fed.round_timeout)
     setup["wait_nodes_s"] = time.perf_counter() - t0 - sum(setup.values())
-    if data.pool is not None:
-        write_partitions(data, fed, len(nodes), store)
-    setup["partitions_s"] = time.perf_counter() - t0 - sum(setup.values())
     random.seed(cfg.train.seed)  # Flower's node sampling
     np.random.seed(cfg.train.seed)  # Flower's DP noise
     strategy, ledger, extra = build_strategy(fed, len(nodes), cfg.train.seed)
@@ -115,12 +128,17 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         start.pop("_groups", None)
         setup["initial_eval_s"] = time.perf_counter() - t0 - sum(setup.values())
         store.log({"kind": "eval", "round": 0, "step": 0, "test": start, "setup": setup})
-    if first > fed.num_server_rounds:
+    # After the initial evaluation, which it would slow (GIL), and while round 1 trains; a
+    # daemon thread: if the run fails it dies with the process, and its files are atomic.
+    report = write_partitions(data, fed, len(nodes), store) if data.pool is not None else None
+    if first <= fed.num_server_rounds:
+        run_rounds(grid, store, strategy, ledger, cfg, arrays, first=first,
+                   last=fed.num_server_rounds, config=config, central=central,
+                   timeout=fed.round_timeout, min_replies=fed.min_replies)
+    else:
         log.info("nothing to do: %s already has %d rounds", store.out, first - 1)
-        return last_test
-    run_rounds(grid, store, strategy, ledger, cfg, arrays, first=first,
-               last=fed.num_server_rounds, config=config, central=central,
-               timeout=fed.round_timeout, min_replies=fed.min_replies)
+    if report is not None:
+        report.join()
     log.info("global run dir: %s (safelm predict %s --data FILE --out preds.csv)", store.out,
              store.out)
     return last_test
