@@ -17,6 +17,7 @@ _EXPORTS = {
     "errors": ["ConfigError", "DataError", "UserError"],
     "hashing": ["file_sha256"],
     "model": ["LSTMModel", "Transformer", "build_model"],
+    "privacy": ["recompute_epsilon"],
     "tokenizer": ["Tokenizer"],
     "trainer": ["Trainer"],
 }

@@ -42,16 +42,16 @@ def row_weights(rows: pd.DataFrame, cols: list[str], scheme: str) -> np.ndarray:
     if missing:
         raise ConfigError(f"train.reweight_cols: {missing[0]!r} is not a group column; list it "
                           "in data.group_cols too")
-    group = rows[cols].astype(str).agg("\x1f".join, axis=1)
+    keys = rows[cols].astype(str)
+    n_g = keys.groupby(cols, sort=False)[cols[0]].transform("size")  # each row's group size
     n = len(rows)
     if scheme == "groups":
-        n_g = group.map(group.value_counts())
-        return (n / (group.nunique() * n_g)).to_numpy(float)
+        k = keys.drop_duplicates().shape[0]
+        return (n / (k * n_g)).to_numpy(float)
     if scheme == "groups_labels":
         label = rows["label"].astype(str)
-        n_g = group.map(group.value_counts())
         n_y = label.map(label.value_counts())
-        cell = group + "\x1e" + label
-        n_gy = cell.map(cell.value_counts())
+        n_gy = keys.assign(_label=label).groupby(cols + ["_label"], sort=False)[
+            cols[0]].transform("size")
         return (n_g * n_y / (n * n_gy)).to_numpy(float)
     raise ConfigError(f"train.reweight={scheme!r} is not one of {', '.join(SCHEMES)}")

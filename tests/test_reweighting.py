@@ -85,9 +85,9 @@ def test_weighted_batch_loss_matches_per_row_losses():
     with torch.no_grad():
         expect = sum(float(w[i]) * float(F.cross_entropy(model(x[i:i + 1]), labels[i:i + 1]))
                      for i in range(5)) / 5
-    assert n == 5 and float(loss) == pytest.approx(expect, rel=1e-6)
+    assert n == 5 and float(loss.detach()) == pytest.approx(expect, rel=1e-6)
     unweighted, _ = batch_loss(clf, batch[:4], "classify")
-    assert float(unweighted) != pytest.approx(expect, rel=1e-3)
+    assert float(unweighted.detach()) != pytest.approx(expect, rel=1e-3)
 
 
 @pytest.mark.parametrize("sets,needle", [

@@ -4,8 +4,8 @@ Why recompute here instead of trusting ``privacy.json``: the claim is the one nu
 exists to state, and the ledger's ``history`` ([noise multiplier, sample rate, steps] per
 phase) is enough to derive it again with an accountant that never saw the training. The
 release records the recomputed value beside the claim, and ``verify`` recomputes it once more
-from the released bytes. Opacus is called directly (a third-party library, so the audits stay
-within SafeLM's public API) and imported lazily: it pulls in torch.
+from the released bytes, with ``safelm.recompute_epsilon`` (a fresh Opacus accountant,
+imported on first use: it pulls in torch).
 """
 
 from __future__ import annotations
@@ -21,18 +21,8 @@ LEDGER_KEYS = ("epsilon", "delta", "accountant", "unit", "sampling", "max_grad_n
 
 def recompute(history: list[list[float]], delta: float, accountant: str) -> float | None:
     """Epsilon at ``delta`` for ``history`` with a new accountant; None: no finite bound."""
-    if not history:
-        return 0.0
-    if any(float(s) <= 0 for s, _, _ in history):
-        return None  # zero noise: no guarantee at all
-    from opacus.accountants import create_accountant
-    try:
-        acc = create_accountant(mechanism=accountant)
-    except ValueError:
-        raise UserError(f"privacy.json names the accountant {accountant!r}, which Opacus "
-                        "does not know (use prv or rdp)") from None
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    eps = float(acc.get_epsilon(delta=float(delta)))
+    from safelm import recompute_epsilon
+    eps = recompute_epsilon({"history": history, "delta": delta, "accountant": accountant})
     return eps if math.isfinite(eps) else None
 
 

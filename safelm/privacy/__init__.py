@@ -40,8 +40,26 @@ def make_privacy(cfg, prep) -> DifferentialPrivacy:
 
 
 def recompute_epsilon(ledger: dict, accountant: str | None = None) -> float:
-    """Epsilon from a privacy.json ledger's history with a fresh Opacus accountant."""
+    """Epsilon from a privacy.json ledger's history with a fresh Opacus accountant.
+
+    An empty history is 0 (no step taken); a phase without noise is ``inf`` (no guarantee).
+    An accountant Opacus does not know is a UserError.
+    """
+    import math
+
     from opacus.accountants import create_accountant
-    acc = create_accountant(mechanism=accountant or ledger["accountant"])
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in ledger["history"]]
-    return float(acc.get_epsilon(delta=ledger["delta"]))
+
+    from ..errors import UserError
+    history = ledger["history"]
+    if not history:
+        return 0.0
+    if any(float(s) <= 0 for s, _, _ in history):
+        return math.inf
+    name = accountant or ledger["accountant"]
+    try:
+        acc = create_accountant(mechanism=name)
+    except ValueError:
+        raise UserError(f"privacy.json names the accountant {name!r}, which Opacus does not "
+                        "know (use prv or rdp)") from None
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=float(ledger["delta"])))
