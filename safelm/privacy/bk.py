@@ -44,6 +44,7 @@ hooks mode).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -79,6 +80,39 @@ def _key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
 
 
+class _GradTap(torch.autograd.Function):
+    """Identity on a tensor that does not require grad, made to require it through ``tap``.
+
+    The first layer's output (an embedding's) has no autograd history while parameters do not
+    require grad, yet its output gradient is what the embedding's clipping needs. Making the
+    output itself a leaf would let autograd's AccumulateGrad keep it (and store its gradient)
+    until the step ends, 4 MB each in the demo LM; through this node, which saves nothing, the
+    output is freed as soon as the forward pass is done with it. ``tap`` is a scalar leaf that
+    never receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return None, None
+
+
+def _saved_stats(output: torch.Tensor, a: torch.Tensor, k: int) -> tuple | None:
+    """(mean, rstd) that ``native_layer_norm`` saved for its backward, shaped to broadcast
+    against its input; None when unavailable (then the hook normalizes again)."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    stat_shape = tuple(a.shape[:a.dim() - k]) + (1,) * k
+    mean, rstd = node._saved_result1, node._saved_result2
+    if mean.numel() != a.numel() // max(1, math.prod(a.shape[a.dim() - k:])):
+        return None
+    return mean.reshape(stat_shape), rstd.reshape(stat_shape)
+
+
 @dataclass
 class _Kept:
     """One contribution to a Linear weight or Embedding, kept for the clipped-sum GEMM.
@@ -111,6 +145,7 @@ class BKGradSampleModule(nn.Module):
         # clipped gradient is the gradient of the sum of its rows' losses.
         self.rows_per_unit = rows_per_unit
         self.n_units = 0
+        self._tap = torch.zeros((), requires_grad=True)  # see _GradTap
         self._reset()
 
     def _reset(self) -> None:
@@ -126,7 +161,7 @@ class BKGradSampleModule(nn.Module):
         self._norm2: torch.Tensor | None = None  # per-unit ||grad||^2 so far (unscaled)
         self._small: dict[nn.Parameter, torch.Tensor] = {}  # per-unit grads [U, *p.shape]
         self._kept: dict[nn.Parameter, list[_Kept]] = {}
-        self._leaves: list[torch.Tensor] = []  # embedding outputs made leaves by _capture
+        self._ln_stats: dict[nn.Module, tuple | None] = {}  # LayerNorm (mean, rstd) saved
 
     def remove_hooks(self) -> None:
         """Detach from the model (e.g. before wrapping it again)."""
@@ -158,9 +193,10 @@ class BKGradSampleModule(nn.Module):
             key = _key(a)
             self._uses[key] = self._uses.get(key, 0) + 1
             self._pending[key] = self._uses[key]
-        if not output.requires_grad:  # first layer (an embedding): make it a leaf
-            output.requires_grad_(True)
-            self._leaves.append(output)  # autograd will store a .grad there: see clip_and_sum
+        if isinstance(module, nn.LayerNorm):
+            self._ln_stats[module] = _saved_stats(output, a, len(module.normalized_shape))
+        if not output.requires_grad:  # first layer (an embedding): see _GradTap
+            output = _GradTap.apply(output, self._tap)
         output.register_hook(partial(self._on_grad, module))
         return output
 
@@ -213,8 +249,13 @@ class BKGradSampleModule(nn.Module):
         if module.bias is not None:
             self._add_small(module.bias, self._units(g, k).sum(1))
         if module.weight is not None:
-            x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
-            self._add_small(module.weight, self._units(x_hat * g, k).sum(1))
+            stats = self._ln_stats.pop(module, None)
+            if stats is None:  # no saved statistics: normalize again
+                x_hat_g = F.layer_norm(a, module.normalized_shape, eps=module.eps).mul_(g)
+            else:  # (a - mean) * rstd * g, in one buffer, bit for bit what layer_norm gives
+                mean, rstd = stats
+                x_hat_g = torch.sub(a, mean).mul_(rstd).mul_(g)
+            self._add_small(module.weight, self._units(x_hat_g, k).sum(1))
 
     def _add_small(self, p: nn.Parameter, per_unit: torch.Tensor) -> None:
         have = self._small.get(p)
@@ -289,8 +330,6 @@ class BKGradSampleModule(nn.Module):
     # ---- the step -----------------------------------------------------------------------
     def clip_and_sum(self) -> torch.Tensor:
         """Per-sample norms -> clip factors -> p.grad = sum of clipped gradients."""
-        for leaf in self._leaves:  # nobody reads these [B, T, d] gradients: free them first
-            leaf.grad = None
         for key, ggsum in self._ggsum.items():  # a layer whose output went unused
             self._add_norm2(_dot(self._grams[key], ggsum))
         self._ggsum.clear()
@@ -347,8 +386,16 @@ class BKGradSampleModule(nn.Module):
             lhs, rhs = g.reshape(-1, d_out), a_c.reshape(-1, d_in)
         else:
             lhs, rhs = (g * c).reshape(-1, d_out), a.reshape(-1, d_in)
+        # One GEMM over all U*S rows, arranged so that its result has the fewer rows: on CPU
+        # [d_in, N] x [N, d_out] runs ~10% faster than [d_out, N] x [N, d_in] when d_in <= d_out
+        # (measured with MKL at N = 8192, d = 128/512), and the other way round otherwise.
+        if d_in <= d_out:
+            if out is None:
+                return (rhs.t() @ lhs).t().contiguous()
+            out.t().addmm_(rhs.t(), lhs)
+            return out
         if out is None:
-            return lhs.t() @ rhs  # one GEMM: [d_out, U*S] x [U*S, d_in]
+            return lhs.t() @ rhs
         return out.addmm_(lhs.t(), rhs)
 
 
