@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.optimizers.ddpoptimizer_fast_gradient_clipping import (
     DistributedDPOptimizerFastGradientClipping)
 
@@ -399,6 +400,43 @@ class BKGradSampleModule(nn.Module):
         return out.addmm_(lhs.t(), rhs)
 
 
+class _LeanSteps(DPOptimizerFastGradientClipping):
+    """Opacus' accumulate / add_noise / scale_grad for sums that :class:`BKGradSampleModule`
+    made, without their per-parameter copies (~3.5 ms a step on the demo LM, 1.5% of it).
+
+    Same semantics: the first physical batch's clipped sum becomes ``summed_grad`` itself
+    (Opacus deep-copies it; ``p.grad`` is then cleared, so that ``zero_grad`` cannot zero the
+    sum through it), later ones are added; the Gaussian noise (std = noise multiplier x clip,
+    Opacus' generator) is added in place; the mean-reduction scale is one fused division.
+    Secure-mode noise and adaptive clipping's adjusted multiplier take Opacus' own path.
+    """
+
+    def accumulate(self):
+        for p in self.params:
+            if p.summed_grad is None:
+                p.summed_grad, p.grad = p.grad, None
+            else:
+                p.summed_grad.add_(p.grad)
+
+    def add_noise(self):
+        if self.secure_mode or getattr(self, "_adjusted_noise_multiplier", None) is not None:
+            return super().add_noise()
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            if std > 0:
+                noise = torch.empty_like(p.summed_grad).normal_(0, std, generator=self.generator)
+                p.summed_grad.add_(noise)
+            p.grad = p.summed_grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self):
+        if self.loss_reduction == "mean":
+            grads = [p.grad for p in self.params]
+            torch._foreach_div_(grads, float(self.expected_batch_size
+                                             * self.accumulated_iterations))
+
+
 class _ClipFirst:
     """Asks the BK module for the clipped sum before Opacus' pre-step (accumulate over
     physical batches; on the last one of a logical batch: noise, scale, accountant hook)."""
@@ -413,9 +451,10 @@ class _ClipFirst:
         return super().pre_step(closure)
 
 
-class BKDPOptimizer(_ClipFirst, DPOptimizerFastGradientClipping):
+class BKDPOptimizer(_ClipFirst, _LeanSteps):
     """Opacus' optimizer for pre-clipped gradients, fed by :class:`BKGradSampleModule`."""
 
 
-class BKDistributedDPOptimizer(_ClipFirst, DistributedDPOptimizerFastGradientClipping):
+class BKDistributedDPOptimizer(_ClipFirst, DistributedDPOptimizerFastGradientClipping,
+                               _LeanSteps):
     """The same under torchrun: noise on rank 0 only, clipped sums all-reduced (Opacus)."""
