@@ -66,7 +66,7 @@ def _setup(msg: Message, context: Context
 
 @app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     cfg, fed, conf, pid, threads, data, model = _setup(msg, context)
     rnd = int(conf["server-round"])
     seed = task.client_seed(cfg.train.seed, pid, rnd)
@@ -90,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
         "weight": 1.0 if conf.get("weighting", "examples") == "uniform" else float(n),
         "num-examples": n, "partition-id": pid, "train_loss": stats["train_loss"],
         "train_seconds": stats["seconds"], "seconds": time.perf_counter() - t0,
-        "threads": threads})
+        "started_at": started_at, "threads": threads})
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     if privacy is not None:
         state = privacy.state_dict()

@@ -39,7 +39,7 @@ from .ledger import ClientLedger
 from .settings import FedSettings
 
 SUMMED = {"num-examples"}
-DROPPED = {"partition-id", "threads", "norm_bit"}
+DROPPED = {"partition-id", "threads", "norm_bit", "started_at"}  # ids, flags, wall clock
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -18,8 +18,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from opacus.layers import DPLSTM
-
 from .config import ModelConfig
 
 
@@ -130,6 +128,11 @@ class LSTMModel(nn.Module):
     def __init__(self, cfg: ModelConfig, task: str = "lm"):
         super().__init__()
         self.cfg, self.task = cfg, task
+        # Imported here: Opacus costs ~1 s of import time (its accountants pull in SciPy and
+        # torch.distributed.tensor), which every Transformer-only process, e.g. each Flower
+        # client and server process, would otherwise pay at start-up.
+        from opacus.layers import DPLSTM
+
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.lstm = DPLSTM(cfg.d_model, cfg.d_model, num_layers=cfg.n_layer, batch_first=True,

@@ -128,3 +128,19 @@ def test_group_counts_reproduce_the_central_predictions_table(setup, tmp_path):
     gaps = fairness.disparities(list(got.values()))
     assert gaps["gender"]["accuracy_difference"] == pytest.approx(
         table.groupby("gender")["correct"].mean().pipe(lambda s: s.max() - s.min()))
+
+
+def test_flower_apps_load_without_opacus():
+    """Every Flower process (ServerApp, each Ray actor) imports these modules at start-up;
+    Opacus adds ~1 s there and only DP runs and the LSTM need it, which import it when used.
+    A control: building the LSTM does import it."""
+    import subprocess
+    import sys
+    code = ("import sys, federation.server_app, federation.client_app, safelm.model; "
+            "print('opacus' in sys.modules); "
+            "from safelm.config import ModelConfig; "
+            "safelm.model.build_model(ModelConfig(arch='lstm'), 'lm'); "
+            "print('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]
