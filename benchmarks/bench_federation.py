@@ -21,7 +21,7 @@ order, so the two do the same arithmetic and should agree to float precision (a 
 the comparison is like for like). The machine's load average is printed and reported: on a
 shared machine, start-up in particular stretches with it.
 
-Usage: python benchmarks/bench_federation.py [--quick] [--skip-a] [--skip-b]
+Usage: python benchmarks/bench_federation.py [--quick] [--skip-a] [--skip-b] [--warm]
 Last line: {"simulation_vs_plain": {...}, "clients_100_sample_10": {...}}
 """
 
@@ -148,14 +148,24 @@ class PeakRSS(threading.Thread):
         self.join()
 
 
-def simulate(rc_text: str, n: int, rounds: int, workdir: Path, memory: bool = False
-             ) -> dict[str, Any]:
-    """``flwr run .`` with ``n`` supernodes; times from the run's own round timestamps."""
+def simulate(rc_text: str, n: int, rounds: int, workdir: Path, memory: bool = False,
+             warm: bool = False) -> dict[str, Any]:
+    """``flwr run .`` with ``n`` supernodes; times from the run's own round timestamps.
+
+    ``warm``: a small run first, against the same local SuperLink, as a user's second
+    ``flwr run`` finds it (Flower leaves it running); the measured run then skips starting
+    the SuperLink and its SuperExec."""
     from federation.flwr_local import LocalSimulation
     from safelm import rundir
 
     out = workdir / "global"
     with LocalSimulation(ROOT, workdir / "flwr") as sim:
+        if warm:
+            res = sim.run(f'out-dir="{workdir / "warm-up"}" corpus-size=800 local-epochs=1 '
+                          f'num-server-rounds=1 min-nodes={n}', num_supernodes=n,
+                          cpus_per_client=1, timeout=600)
+            if sim.crashed(res):
+                raise SystemExit("the warm-up run failed:\n" + (res.stdout + res.stderr)[-3000:])
         mon = PeakRSS(sim.leftover_pids) if memory else None
         if mon:
             mon.start()
@@ -198,6 +208,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small loads (a smoke test)")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--warm", action="store_true",
+                    help="(a) also against a SuperLink left running by an earlier flwr run")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6, help="(a): local epochs per round")
@@ -228,6 +240,12 @@ def main() -> None:
         print(f"  plain Python pool: rounds {plain['rounds_s']:.1f} s (central evaluation "
               f"{plain['central_eval_s']:.1f} s), test loss {plain['test_loss']:.4f}",
               flush=True)
+        if args.warm:
+            warm = simulate(" ".join(load), k, r, work / "a-warm", warm=True)
+            print(f"  flwr simulation, SuperLink already running: rounds {warm['rounds_s']:.1f}"
+                  f" s, start-up {warm['startup_s']:.1f} s (ServerApp ready after "
+                  f"{warm['serverapp_ready_s']:.1f} s), teardown {warm['teardown_s']:.1f} s",
+                  flush=True)
         result["simulation_vs_plain"] = {
             "time_ratio": round(sim["rounds_s"] / plain["rounds_s"], 3),
             "time_ratio_with_startup_teardown": round(
@@ -241,6 +259,10 @@ def main() -> None:
             "test_loss_plain": round(plain["test_loss"], 4),
             "serverapp_setup_s": sim["serverapp_setup_s"],
             "clients": k, "rounds": r}
+        if args.warm:
+            result["simulation_vs_plain"].update(
+                startup_s_warm=round(warm["startup_s"], 2),
+                time_ratio_warm=round(warm["rounds_s"] / plain["rounds_s"], 3))
     if not args.skip_b:
         rounds_b = 2 if args.quick else 3
         print(f"(b) 100 clients, 10 sampled per round, {rounds_b} rounds", flush=True)
