@@ -8,6 +8,9 @@ SuperExec) that outlives the command; tests and benchmarks must stop it, by PID.
   time, a multi-GB torch download), a private ``FLWR_HOME``, ``RAY_TMPDIR`` and
   ``MPLCONFIGDIR``, and the venv's ``bin`` first on ``PATH`` (Flower spawns
   ``flower-superlink`` and ``flwr-simulation`` by name);
+* shortens start-up where Flower and Ray allow it from outside: the SuperExec polls the
+  SuperLink every 0.25 s instead of 1 s, and Ray does not prestart idle workers that Flower's
+  actors cannot use (see :meth:`LocalSimulation.env`);
 * gives the local SuperLink free ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` /
   ``FLWR_LOCAL_CONTROL_API_PORT``), so a run never lands on someone else's SuperLink;
 * stops every process whose command line names this helper's private FLWR_HOME or RAY_TMPDIR
@@ -110,7 +113,12 @@ class LocalSimulation:
             # runs ~1-2 s sooner here; faster polling (0.1 s) keeps the SuperLink busy enough
             # (7% of a core) to slow the clients it shares the CPUs with.
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
-                                                         "0.25")})
+                                                         "0.25"),
+            # Ray starts one idle worker per CPU as soon as a driver connects, but Flower's
+            # actors carry a runtime env (PYTHONPATH) and so need workers of their own: the
+            # idle ones only take CPU from them while they start (~0.6 s of start-up here).
+            "RAY_prestart_worker_first_driver": env.get("RAY_prestart_worker_first_driver",
+                                                        "0")})
         return env
 
     def run(self, run_config: str = "", *, num_supernodes: int = 4, cpus_per_client: int = 1,
