@@ -124,6 +124,9 @@ class Deployment:
         env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                     "FLWR_HOME": str(self.home), "MPLBACKEND": "Agg",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    # no call home: Flower's processes otherwise post their versions and OS
+                    # to Flower's update-check service at start (the flwr CLI waits for it)
+                    "FLWR_DISABLE_UPDATE_CHECK": env.get("FLWR_DISABLE_UPDATE_CHECK", "1"),
                     "PYTHONUNBUFFERED": "1"})
         return env
 

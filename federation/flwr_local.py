@@ -103,6 +103,9 @@ class LocalSimulation:
         env.update({
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # No call home: the `flwr` CLI otherwise posts its version and OS to Flower's
+            # update-check service at start, in a thread it waits for before exiting.
+            "FLWR_DISABLE_UPDATE_CHECK": env.get("FLWR_DISABLE_UPDATE_CHECK", "1"),
             "FLWR_HOME": str(self.home), "RAY_TMPDIR": str(self.ray_tmp),
             "MPLCONFIGDIR": str(self.root / "mpl"), "MPLBACKEND": "Agg",
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.ports[0]),
