@@ -156,3 +156,29 @@ def test_lean_noise_steps_equal_opacus_own(physical_batches):
     # and the noise is there: the update is not just the scaled sum
     plain = sum(g[0] for g in grads) / 4
     assert not torch.allclose(updates[1][0], plain)
+
+
+def test_layer_norm_without_saved_statistics_normalizes_again(monkeypatch):
+    """LayerNorm's per-sample gradients come from the mean and rstd autograd saved; where
+    those cannot be read the hook normalizes again. Both paths give the same clipped sums."""
+    import safelm.privacy.bk as bk
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    assert bk._saved_stats(torch.nn.LayerNorm(4)(x), x.detach(), 1) is not None  # the fast path
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, d_model=16, n_head=2, block_size=T, vocab_size=V, dropout=0.0,
+                      tie_weights=True)
+    batch = make_batch(5, "lm", seed=4)
+    grads = []
+    for saved in (True, False):
+        if not saved:
+            monkeypatch.setattr(bk, "_saved_stats", lambda *args: None)
+        model = build_model(cfg, "lm").double()
+        torch.manual_seed(1)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        wrapped = BKGradSampleModule(model, 0.5)
+        batch_loss(wrapped, batch, "lm")[0].backward()
+        wrapped.clip_and_sum()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-12, atol=1e-14, msg=k)
