@@ -111,10 +111,10 @@ class LocalSimulation:
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.ports[0]),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.ports[1]),
             "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1",
-            # The SuperExec asks the SuperLink for new work every second by default, and a
-            # run passes through it twice before its ServerApp starts. Every 0.25 s starts
-            # runs ~1-2 s sooner here; faster polling (0.1 s) keeps the SuperLink busy enough
-            # (7% of a core) to slow the clients it shares the CPUs with.
+            # The SuperExec asks the SuperLink for new work every second by default, and the
+            # run's simulation process waits for that poll. Every 0.25 s started runs ~2 s
+            # sooner here; faster polling (0.1 s) kept the SuperLink busy enough (7% of a
+            # core) to slow the clients it shares the CPUs with.
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
                                                          "0.25"),
             # Ray starts one idle worker per CPU as soon as a driver connects, but Flower's
