@@ -24,18 +24,27 @@ from __future__ import annotations
 import json
 import math
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
-from torch import nn
 
-from safelm.config import Config
-
-from . import task
 from .settings import FedSettings, parse_run_config
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from safelm.config import Config
+
+    from . import task
+
+# torch, safelm and :mod:`federation.task` are imported by the handlers, not here. Flower's
+# simulation process imports this module (to check that the ClientApp loads) before it starts
+# Ray, and the ServerApp thread is importing the same libraries then: at module level here the
+# import held back Ray's start by about as long as torch takes to import (~1.5 s). Each Ray
+# actor pays the import once, on its first message, before a client's clock starts.
 app = ClientApp()
 ACCOUNTANT = "safelm-dp-accountant"
 
@@ -52,6 +61,8 @@ def dp_clipping_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) ->
 
 def _setup(msg: Message, context: Context
            ) -> tuple[Config, FedSettings, ConfigRecord, int, int, task.ClientData, nn.Module]:
+    from . import task
+
     _, fed = parse_run_config(context.run_config)
     conf = msg.content["config"]
     cfg = task.config_from_json(str(conf["safelm-config"]))
@@ -66,6 +77,8 @@ def _setup(msg: Message, context: Context
 
 @app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    from . import task  # the import is start-up, not this round's work: clock after it
+
     t0, started_at = time.perf_counter(), time.time()
     cfg, fed, conf, pid, threads, data, model = _setup(msg, context)
     rnd = int(conf["server-round"])
@@ -113,6 +126,8 @@ def _accountant(context: Context, conf: ConfigRecord, pid: int) -> dict | None:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from . import task
+
     cfg, fed, conf, pid, threads, data, model = _setup(msg, context)
     tok = task.tokenizer_from_json(str(conf["tokenizer"]))
     metrics, counts = task.evaluate(model, cfg, tok, data.val_rows, data.val_enc)

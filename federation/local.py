@@ -102,7 +102,7 @@ def run_local(run_config: dict[str, Any], num_nodes: int, **grid_kwargs: Any
               ) -> tuple[dict[str, Any], LocalGrid]:
     """The ServerApp over a :class:`LocalGrid`; returns the last central test metrics."""
     from .client_app import app as client_app
-    from .server_app import run_server
+    from .server import run_server
 
     grid = LocalGrid(client_app, num_nodes, run_config, **grid_kwargs)
     ctx = Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(),

@@ -43,7 +43,7 @@ from safelm.data import BlockDataset, Encoded, encode_rows, load_rows, split_row
 from safelm.errors import UserError
 from safelm.model import build_model
 from safelm.rundir import unwrap
-from safelm.trainer import Trainer
+from safelm.trainer import Trainer, evaluate_model, pick_device
 
 from . import fairness, partition
 from .settings import FedSettings
@@ -277,7 +277,10 @@ def evaluate(model: nn.Module, cfg: Config, tok: Tokenizer, rows: pd.DataFrame,
     ds = BlockDataset(enc)
     if len(ds) == 0:
         return {}, {}
-    metrics = Trainer(model, cfg.train, ds, ds, num_classes=cfg.model.num_classes).evaluate(ds)
+    device = pick_device(cfg.train.device)
+    model.to(device)
+    metrics = evaluate_model(model, ds, cfg.train.task, cfg.train.eval_batch_size,
+                             cfg.model.num_classes, device)
     model.eval()
     s = score_encoded(Run(cfg, tok, model, Path(".")), enc, len(rows),
                       batch_size=cfg.train.eval_batch_size)

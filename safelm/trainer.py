@@ -118,6 +118,43 @@ def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> fl
     return sum(f1s) / len(f1s) if f1s else 0.0
 
 
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset | None, task: str, batch_size: int,
+                   num_classes: int = 0, device: torch.device | str = "cpu"
+                   ) -> dict[str, float]:
+    """Loss (+ perplexity for LM, accuracy and macro-F1 for classification) of ``model``.
+
+    What :meth:`Trainer.evaluate` reports, without a Trainer: building one makes an AdamW
+    optimizer, and the first torch optimizer of a process imports ``torch._dynamo`` (about
+    0.8 s here), which an evaluation-only process (a federated server) need not pay.
+    """
+    if dataset is None or len(dataset) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    loss_sum, units, preds, truth = 0.0, 0, [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()):
+        x, y, lengths, labels = (t.to(device, non_blocking=True) for t in batch)
+        if task == "lm":
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                              ignore_index=-100, reduction="sum"))
+            units += int((y != -100).sum())
+        else:
+            logits = model(x, lengths)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            units += x.shape[0]
+            preds.append(logits.argmax(-1).cpu())
+            truth.append(labels.cpu())
+    model.train(was_training)
+    loss = loss_sum / max(units, 1)
+    if task == "lm":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    y_pred, y_true = torch.cat(preds), torch.cat(truth)
+    return {"loss": loss, "accuracy": float((y_pred == y_true).float().mean()),
+            "macro_f1": macro_f1(y_true, y_pred, num_classes)}
+
+
 class Trainer:
     """Trains ``model`` on ``train_set`` with AdamW and a warm-up + cosine schedule."""
 
@@ -221,36 +258,11 @@ class Trainer:
         return {"train_loss": loss_sum / max(units, 1), "tokens_per_s": tokens / max(dt, 1e-9),
                 "seconds": dt}
 
-    @torch.no_grad()
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Loss (+ perplexity for LM, accuracy and macro-F1 for classification)."""
         dataset = dataset if dataset is not None else self.val_set
-        if dataset is None or len(dataset) == 0:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum, units, preds, truth = 0.0, 0, [], []
-        for batch in DataLoader(dataset, batch_size=self.cfg.eval_batch_size,
-                                generator=torch.Generator()):
-            x, y, lengths, labels = self._to_device(batch)
-            if self.task == "lm":
-                logits = self.model(x)
-                loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                                  ignore_index=-100, reduction="sum"))
-                units += int((y != -100).sum())
-            else:
-                logits = self.model(x, lengths)
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                units += x.shape[0]
-                preds.append(logits.argmax(-1).cpu())
-                truth.append(labels.cpu())
-        self.model.train(was_training)
-        loss = loss_sum / max(units, 1)
-        if self.task == "lm":
-            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        y_pred, y_true = torch.cat(preds), torch.cat(truth)
-        return {"loss": loss, "accuracy": float((y_pred == y_true).float().mean()),
-                "macro_f1": macro_f1(y_true, y_pred, self.num_classes)}
+        return evaluate_model(self.model, dataset, self.task, self.cfg.eval_batch_size,
+                              self.num_classes, self.device)
 
     # ---- fit: epochs, logging, checkpoints, resume -----------------------------------------
     def log(self, record: dict[str, Any]) -> None:

@@ -14,6 +14,30 @@ from safelm.api import load_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_staged_app_builds_the_same_fab(tmp_path):
+    """LocalSimulation hands `flwr run` a staged copy of the app; Flower builds the very same
+    FAB from it as from the repository, without listing the venv's files. A control: a
+    planted app file is in both, and a change to it changes the FAB."""
+    import shutil
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from federation.flwr_local import stage_app
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__"))
+    (repo / ".venv" / "lib").mkdir(parents=True)
+    (repo / ".venv" / "lib" / "site.py").write_text("x = 1\n")  # gitignored: in neither
+    (repo / "federation" / "planted.py").write_text("PLANTED = 1\n")
+    staged = stage_app(repo, tmp_path / "staged")
+    fab = build_fab_from_disk(staged)
+    assert fab == build_fab_from_disk(repo)
+    assert (staged / "federation" / "planted.py").is_file()
+    assert not (staged / ".venv").exists()
+    (repo / "federation" / "planted.py").write_text("PLANTED = 2\n")
+    assert build_fab_from_disk(stage_app(repo, tmp_path / "staged")) != fab
+
+
 @pytest.mark.slow
 def test_flwr_run_simulation_with_a_failing_and_a_hostile_client(tmp_path):
     out = tmp_path / "global"

@@ -144,3 +144,47 @@ def test_flower_apps_load_without_opacus():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_flower_app_modules_load_without_torch():
+    """Flower's simulation process loads both app modules (under one import lock) before it
+    starts Ray; torch imported there held Ray back by its import time. The apps import torch
+    when they run. A control: running federation.server's module does import it."""
+    import subprocess
+    import sys
+    code = ("import sys, federation.server_app, federation.client_app; "
+            "print('torch' in sys.modules); import federation.server; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]
+
+
+def test_evaluation_needs_no_optimizer_and_matches_the_trainer():
+    """task.evaluate (the server's central evaluation) gives Trainer.evaluate's numbers
+    without building a Trainer, whose AdamW would import torch._dynamo (~0.8 s)."""
+    import subprocess
+    import sys
+    code = """
+import sys
+from pathlib import Path
+from federation.local import app_run_config
+from federation.settings import parse_run_config
+from federation import task
+from safelm.data import BlockDataset
+from safelm.trainer import Trainer
+rc = app_run_config(Path('pyproject.toml'), ['corpus-size=400', 'model.n_layer=1',
+                                            'model.d_model=32', 'model.n_head=4'])
+cfg, fed = parse_run_config(rc)
+data = task.server_data(cfg, fed)
+model = task.new_model(data.cfg)
+got, _ = task.evaluate(model, data.cfg, data.tokenizer, data.test_rows, data.test_enc)
+print('torch._dynamo' in sys.modules)
+ds = BlockDataset(data.test_enc)
+want = Trainer(model, data.cfg.train, ds, ds, num_classes=data.cfg.model.num_classes).evaluate(ds)
+print('torch._dynamo' in sys.modules)
+print(got == want and set(got) == {'loss', 'accuracy', 'macro_f1'})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["False", "True", "True"]
