@@ -22,6 +22,7 @@ the comparison is like for like). The machine's load average is printed and repo
 shared machine, start-up in particular stretches with it.
 
 Usage: python benchmarks/bench_federation.py [--quick] [--skip-a] [--skip-b] [--warm]
+       [--startup-runs N]
 Last line: {"simulation_vs_plain": {...}, "clients_100_sample_10": {...}}
 """
 
@@ -210,6 +211,9 @@ def main() -> None:
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--warm", action="store_true",
                     help="(a) also against a SuperLink left running by an earlier flwr run")
+    ap.add_argument("--startup-runs", type=int, default=0, metavar="N",
+                    help="(a) N more simulations of 1 round and 1 local epoch, the same clients "
+                         "and data, for the spread of start-up and teardown")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6, help="(a): local epochs per round")
@@ -259,6 +263,20 @@ def main() -> None:
             "test_loss_plain": round(plain["test_loss"], 4),
             "serverapp_setup_s": sim["serverapp_setup_s"],
             "clients": k, "rounds": r}
+        if args.startup_runs:
+            one = [x if not x.startswith(("local-epochs=", "num-server-rounds=")) else
+                   x.split("=")[0] + "=1" for x in load]
+            runs = [simulate(" ".join(one), k, 1, work / f"a-start{i}")
+                    for i in range(args.startup_runs)]
+            ups = [sim["startup_s"]] + [x["startup_s"] for x in runs]
+            downs = [sim["teardown_s"]] + [x["teardown_s"] for x in runs]
+            print(f"  start-up over {len(ups)} runs: median {float(np.median(ups)):.1f} s, "
+                  f"{min(ups):.1f}-{max(ups):.1f} s; teardown median "
+                  f"{float(np.median(downs)):.1f} s, max {max(downs):.1f} s", flush=True)
+            result["simulation_vs_plain"].update(
+                startup_s_runs=[round(x, 2) for x in ups],
+                startup_s_median=round(float(np.median(ups)), 2),
+                teardown_s_runs=[round(x, 2) for x in downs])
         if args.warm:
             result["simulation_vs_plain"].update(
                 startup_s_warm=round(warm["startup_s"], 2),

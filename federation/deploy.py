@@ -39,7 +39,7 @@ from typing import Sequence
 
 from safelm.errors import UserError
 
-from .flwr_local import free_port, pids_mentioning, stop_pids
+from .flwr_local import free_port, no_call_home, pids_mentioning, stop_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,11 +124,8 @@ class Deployment:
         env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                     "FLWR_HOME": str(self.home), "MPLBACKEND": "Agg",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    # no call home: Flower's processes otherwise post their versions and OS
-                    # to Flower's update-check service at start (the flwr CLI waits for it)
-                    "FLWR_DISABLE_UPDATE_CHECK": env.get("FLWR_DISABLE_UPDATE_CHECK", "1"),
                     "PYTHONUNBUFFERED": "1"})
-        return env
+        return no_call_home(env)
 
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)

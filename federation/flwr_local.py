@@ -34,6 +34,19 @@ from pathlib import Path
 from types import TracebackType
 
 
+# No call home (each respected when the user set it): Flower's processes post their version and
+# OS to its update-check service at start (the flwr CLI waits for that thread), Flower sends
+# usage events (platform, run-id hash, number of nodes) to its telemetry service, and Ray
+# reports cluster usage statistics. A platform for sensitive data keeps all three off.
+NO_CALL_HOME = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def no_call_home(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :data:`NO_CALL_HOME`'s settings wherever the user has not set them."""
+    return {**NO_CALL_HOME, **env}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,9 +163,6 @@ class LocalSimulation:
         env.update({
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            # No call home: the `flwr` CLI otherwise posts its version and OS to Flower's
-            # update-check service at start, in a thread it waits for before exiting.
-            "FLWR_DISABLE_UPDATE_CHECK": env.get("FLWR_DISABLE_UPDATE_CHECK", "1"),
             "FLWR_HOME": str(self.home), "RAY_TMPDIR": str(self.ray_tmp),
             "MPLCONFIGDIR": str(self.root / "mpl"), "MPLBACKEND": "Agg",
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.ports[0]),
@@ -169,7 +179,7 @@ class LocalSimulation:
             # idle ones only take CPU from them while they start (~0.6 s of start-up here).
             "RAY_prestart_worker_first_driver": env.get("RAY_prestart_worker_first_driver",
                                                         "0")})
-        return env
+        return no_call_home(env)
 
     def run(self, run_config: str = "", *, num_supernodes: int = 4, cpus_per_client: int = 1,
             timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
