@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
+
 
 # No call home (each respected when the user set it): Flower's processes post their version and
 # OS to its update-check service at start (the flwr CLI waits for that thread), Flower sends
@@ -112,9 +115,6 @@ def stage_app(app_dir: str | Path, dest: str | Path) -> Path:
     ``.gitignore`` with negations (``!pattern``) could re-include files below an ignored
     directory, so then nothing but ``.git`` is skipped.
     """
-    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
-    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
-
     root, dest = Path(app_dir).resolve(), Path(dest).resolve()
     ignore = root / ".gitignore"
     patterns = load_gitignore_patterns(ignore.read_bytes() if ignore.is_file() else b"")
@@ -156,6 +156,11 @@ class LocalSimulation:
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         for d in (self.home, self.root / "mpl"):
             d.mkdir(parents=True, exist_ok=True)
+        # Flower's default local connection, but with the SuperLink's state in memory rather
+        # than in SQLite under FLWR_HOME: this private home is thrown away anyway, and the
+        # SuperLink answers its health check ~0.35 s sooner (1.0 s against 1.37 s here).
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n')
         self.ports = (free_port(), free_port())
 
     def env(self) -> dict[str, str]:

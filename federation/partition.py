@@ -114,19 +114,28 @@ def partition_table(client: np.ndarray, rows: pd.DataFrame, columns: list[str],
     return table
 
 
-def write_partition_report(table: pd.DataFrame, out: str | Path, stem: str = "partitions",
-                           title: str = "") -> tuple[Path, Path]:
-    """``stem.csv`` and ``stem.png`` (one stacked-bar panel per column) in ``out``."""
+def write_partition_table(table: pd.DataFrame, out: str | Path,
+                          stem: str = "partitions") -> Path:
+    """``stem.csv`` in ``out`` (atomic)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / f"{stem}.csv"
+    tmp = csv.with_name(csv.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, csv)
+    return csv
+
+
+def plot_partitions(table: pd.DataFrame, out: str | Path, stem: str = "partitions",
+                    title: str = "") -> Path:
+    """``stem.png`` in ``out`` (atomic): one stacked-bar panel per column of the table."""
     import matplotlib
     matplotlib.use("Agg")  # headless: servers and CI have no display
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    csv, png = out / f"{stem}.csv", out / f"{stem}.png"
-    tmp = csv.with_name(csv.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, csv)
+    png = out / f"{stem}.png"
     cols = sorted({c.split("=", 1)[0] for c in table.columns if "=" in c})
     panels = cols or ["rows"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
@@ -148,7 +157,13 @@ def write_partition_report(table: pd.DataFrame, out: str | Path, stem: str = "pa
     fig.savefig(tmp_png, dpi=90)
     plt.close(fig)
     os.replace(tmp_png, png)
-    return csv, png
+    return png
+
+
+def write_partition_report(table: pd.DataFrame, out: str | Path, stem: str = "partitions",
+                           title: str = "") -> tuple[Path, Path]:
+    """``stem.csv`` and ``stem.png`` (one stacked-bar panel per column) in ``out``."""
+    return write_partition_table(table, out, stem), plot_partitions(table, out, stem, title)
 
 
 def _check(n: int, num_clients: int) -> None:

@@ -18,8 +18,9 @@ the previous global model. Either way the round is logged (``failures``) and the
 
 Run dir (``out-dir``, DESIGN.md layout, rewritten every round): ``model.safetensors``,
 ``config.json``, ``tokenizer.json``, ``metrics.jsonl`` (one ``round`` record per round),
-``privacy.json`` (DP), plus ``federation.json`` (the run-config), ``partitions.csv/.png`` and
-``fl_state.json`` + ``fl_strategy.safetensors`` (resume). ``fl_state.json`` is written last
+``privacy.json`` (DP), plus ``federation.json`` (the run-config), ``partitions.csv`` (and
+``partitions.png``, drawn when the run ends) and ``fl_state.json`` + ``fl_strategy.safetensors``
+(resume). ``fl_state.json`` is written last
 and atomically: it is the commit point of a round.
 """
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -285,27 +285,26 @@ def wait_for_nodes(grid: Grid, need: int, timeout: float) -> list[int]:
 
 
 def write_partitions(data: task.ServerData, fed: FedSettings, n: int, store: RunStore
-                     ) -> threading.Thread:
-    """partitions.csv/.png: rows, labels and group mix per client, as every client computes.
+                     ) -> Callable[[], None]:
+    """partitions.csv now; returns the function that draws partitions.png.
 
-    The table is computed here; the files (matplotlib's import and rendering take about a
-    second) are written by a thread while the clients train round 1, when this process only
-    waits for replies, so training does not wait for a report. ``run_server`` joins it.
+    Rows, labels and group mix per client, as every client computes them. The table is
+    written at once; the plot (matplotlib's import and rendering: about a second of CPU) is
+    drawn when the run ends (``run_server`` calls it, also after a failure): at start-up it
+    took that CPU from the Ray actors still starting, and during the rounds from training.
     """
     client = task.partition_rows(data.cfg, fed, data.pool, n)
     cols = (["label"] if data.cfg.train.task == "classify" else []) + list(
         data.cfg.data.group_cols)
     table = partition.partition_table(client, data.pool, cols, n)
+    partition.write_partition_table(table, store.out)
 
-    def write() -> None:
+    def plot() -> None:
         try:
-            partition.write_partition_report(table, store.out,
-                                             title=f"{fed.partitioning}, {n} clients")
-        except Exception as e:  # a report must not stop the federation; say so in the log
-            log.warning("partitions report not written: %s", e)
-    thread = threading.Thread(target=write, name="partitions-report", daemon=True)
-    thread.start()
-    return thread
+            partition.plot_partitions(table, store.out, title=f"{fed.partitioning}, {n} clients")
+        except Exception as e:  # a report must not fail the federation; say so in the log
+            log.warning("partitions.png not written: %s", e)
+    return plot
 
 
 def run_server(grid: Grid, context: Context) -> dict[str, Any]:
@@ -368,17 +367,17 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         start.pop("_groups", None)
         setup["initial_eval_s"] = time.perf_counter() - t0 - sum(setup.values())
         store.log({"kind": "eval", "round": 0, "step": 0, "test": start, "setup": setup})
-    # After the initial evaluation, which it would slow (GIL), and while round 1 trains; a
-    # daemon thread: if the run fails it dies with the process, and its files are atomic.
-    report = write_partitions(data, fed, len(nodes), store) if data.pool is not None else None
-    if first <= fed.num_server_rounds:
-        run_rounds(grid, store, strategy, ledger, cfg, arrays, first=first,
-                   last=fed.num_server_rounds, config=config, central=central,
-                   timeout=fed.round_timeout, min_replies=fed.min_replies)
-    else:
-        log.info("nothing to do: %s already has %d rounds", store.out, first - 1)
-    if report is not None:
-        report.join()
+    plot = write_partitions(data, fed, len(nodes), store) if data.pool is not None else None
+    try:
+        if first <= fed.num_server_rounds:
+            run_rounds(grid, store, strategy, ledger, cfg, arrays, first=first,
+                       last=fed.num_server_rounds, config=config, central=central,
+                       timeout=fed.round_timeout, min_replies=fed.min_replies)
+        else:
+            log.info("nothing to do: %s already has %d rounds", store.out, first - 1)
+    finally:
+        if plot is not None:
+            plot()
     log.info("global run dir: %s (safelm predict %s --data FILE --out preds.csv)", store.out,
              store.out)
     return last_test
