@@ -120,6 +120,23 @@ def _warm(rc: dict[str, Any]) -> None:
     from federation.settings import parse_run_config  # noqa: F401
 
 
+def fab_build_times(stage: Path) -> dict[str, Any]:
+    """Flower's FAB build from the repository (what ``flwr run .`` does: it lists every file
+    under the app directory, a .venv included) and from :func:`stage_app`'s copy."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from federation.flwr_local import stage_app
+
+    t0 = time.perf_counter()
+    build_fab_from_disk(ROOT)
+    t1 = time.perf_counter()
+    build_fab_from_disk(stage_app(ROOT, stage))
+    t2 = time.perf_counter()
+    files = sum(len(f) for _, _, f in os.walk(ROOT))
+    return {"fab_build_s_repo": round(t1 - t0, 3), "fab_build_s_staged": round(t2 - t1, 3),
+            "files_in_repo": files}
+
+
 # ---- memory of a process tree ---------------------------------------------------------------
 class PeakRSS(threading.Thread):
     """Sum of VmRSS over the PIDs ``pids()`` returns, sampled until stopped; keeps the peak."""
@@ -240,6 +257,11 @@ def main() -> None:
               f" s, of which its own set-up {sim['serverapp_setup_s']}; then "
               f"{sim['actor_wait_s']:.1f} s until Ray's actors began round 1), teardown "
               f"{sim['teardown_s']:.1f} s, test loss {sim['test_loss']:.4f}", flush=True)
+        fab = fab_build_times(work / "staged")
+        print(f"  flwr run's packaging of the app (FAB): {fab['fab_build_s_repo']:.2f} s from "
+              f"the repository as it is ({fab['files_in_repo']} files under it), "
+              f"{fab['fab_build_s_staged']:.2f} s from LocalSimulation's staged copy",
+              flush=True)
         plain = plain_rounds(app_run_config(ROOT / "pyproject.toml", load), k, r, workers)
         print(f"  plain Python pool: rounds {plain['rounds_s']:.1f} s (central evaluation "
               f"{plain['central_eval_s']:.1f} s), test loss {plain['test_loss']:.4f}",
@@ -261,7 +283,7 @@ def main() -> None:
             "plain_rounds_s": round(plain["rounds_s"], 2),
             "test_loss_simulation": round(sim["test_loss"], 4),
             "test_loss_plain": round(plain["test_loss"], 4),
-            "serverapp_setup_s": sim["serverapp_setup_s"],
+            "serverapp_setup_s": sim["serverapp_setup_s"], **fab,
             "clients": k, "rounds": r}
         if args.startup_runs:
             one = [x if not x.startswith(("local-epochs=", "num-server-rounds=")) else

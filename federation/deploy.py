@@ -15,8 +15,9 @@ What it does, in order (everything lands in ``--out``):
    not registered is refused by the SuperLink ("No SuperNode found with the given public key").
 5. N ``flower-supernode`` processes, node config ``partition-id=i num-partitions=N
    num-threads=T`` (T = cores // N), each with its own ClientAppIo port.
-6. ``flwr run . deploy --stream`` with ``out-dir=OUT/global`` and ``min-nodes=N``: the same app
-   as the simulation, unchanged.
+6. ``flwr run <app> deploy --stream`` with ``out-dir=OUT/global`` and ``min-nodes=N``: the
+   same app as the simulation, unchanged (its files staged under the Flower home, so Flower
+   does not list the repository's venv to package it; the package is byte-identical).
 7. Every process started here -- and every descendant (SuperExec, ServerApp/ClientApp
    processes) -- is stopped by PID (TERM, then KILL) in a ``finally``, so also on failure,
    Ctrl-C (SIGINT) or SIGTERM. Logs stay in ``logs/``.
@@ -39,7 +40,7 @@ from typing import Sequence
 
 from safelm.errors import UserError
 
-from .flwr_local import free_port, no_call_home, pids_mentioning, stop_pids
+from .flwr_local import free_port, no_call_home, pids_mentioning, stage_app, stop_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,8 +197,10 @@ class Deployment:
         return sum(n["status"] == "online" for n in nodes)
 
     def run(self, run_config: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        """``flwr run <repo> deploy --stream`` with ``run_config``."""
-        return self._flwr("run", str(ROOT), "deploy", "--stream", "--run-config", run_config,
+        """``flwr run <app> deploy --stream`` with ``run_config``; the app is the repository's
+        files staged under the Flower home (:func:`federation.flwr_local.stage_app`)."""
+        app = stage_app(ROOT, self.home / "app")
+        return self._flwr("run", str(app), "deploy", "--stream", "--run-config", run_config,
                           timeout=timeout)
 
     def stop(self) -> list[int]:
