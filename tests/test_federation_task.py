@@ -130,42 +130,38 @@ def test_group_counts_reproduce_the_central_predictions_table(setup, tmp_path):
         table.groupby("gender")["correct"].mean().pipe(lambda s: s.max() - s.min()))
 
 
+def _fresh_python(code: str) -> list[str]:
+    """What ``code`` prints, run in a new interpreter (imports start from nothing)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+
+
 def test_flower_apps_load_without_opacus():
     """Every Flower process (ServerApp, each Ray actor) imports these modules at start-up;
     Opacus adds ~1 s there and only DP runs and the LSTM need it, which import it when used.
     A control: building the LSTM does import it."""
-    import subprocess
-    import sys
-    code = ("import sys, federation.server_app, federation.client_app, safelm.model; "
-            "print('opacus' in sys.modules); "
-            "from safelm.config import ModelConfig; "
-            "safelm.model.build_model(ModelConfig(arch='lstm'), 'lm'); "
-            "print('opacus' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["False", "True"]
+    assert _fresh_python("import sys, federation.server_app, federation.client_app, "
+                         "safelm.model; print('opacus' in sys.modules); "
+                         "from safelm.config import ModelConfig; "
+                         "safelm.model.build_model(ModelConfig(arch='lstm'), 'lm'); "
+                         "print('opacus' in sys.modules)") == ["False", "True"]
 
 
 def test_flower_app_modules_load_without_torch():
     """Flower's simulation process loads both app modules (under one import lock) before it
     starts Ray; torch imported there held Ray back by its import time. The apps import torch
     when they run. A control: running federation.server's module does import it."""
-    import subprocess
-    import sys
-    code = ("import sys, federation.server_app, federation.client_app; "
-            "print('torch' in sys.modules); import federation.server; "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["False", "True"]
+    assert _fresh_python("import sys, federation.server_app, federation.client_app; "
+                         "print('torch' in sys.modules); import federation.server; "
+                         "print('torch' in sys.modules)") == ["False", "True"]
 
 
 def test_evaluation_needs_no_optimizer_and_matches_the_trainer():
     """task.evaluate (the server's central evaluation) gives Trainer.evaluate's numbers
     without building a Trainer, whose AdamW would import torch._dynamo (~0.8 s)."""
-    import subprocess
-    import sys
-    code = """
+    assert _fresh_python("""
 import sys
 from pathlib import Path
 from federation.local import app_run_config
@@ -184,7 +180,4 @@ ds = BlockDataset(data.test_enc)
 want = Trainer(model, data.cfg.train, ds, ds, num_classes=data.cfg.model.num_classes).evaluate(ds)
 print('torch._dynamo' in sys.modules)
 print(got == want and set(got) == {'loss', 'accuracy', 'macro_f1'})
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
-    assert out == ["False", "True", "True"]
+""") == ["False", "True", "True"]
