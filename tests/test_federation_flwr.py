@@ -36,6 +36,34 @@ def test_staged_app_builds_the_same_fab(tmp_path):
     assert not (staged / ".venv").exists()
     (repo / "federation" / "planted.py").write_text("PLANTED = 2\n")
     assert build_fab_from_disk(stage_app(repo, tmp_path / "staged")) != fab
+    # a negation can re-include a file below an ignored directory: nothing is pruned then
+    (repo / "federation" / "gen").mkdir()
+    (repo / "federation" / "gen" / "keep.py").write_text("KEEP = 1\n")
+    (repo / ".gitignore").write_text((repo / ".gitignore").read_text()
+                                     + "federation/gen/*\n!federation/gen/keep.py\n")
+    staged = stage_app(repo, tmp_path / "staged")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(repo)
+    assert (staged / "federation" / "gen" / "keep.py").is_file()
+
+
+def test_no_call_home_defaults_yield_to_the_user(tmp_path, monkeypatch):
+    """Flower's update check and telemetry and Ray's usage stats are off unless the user set
+    them; the user's own value wins."""
+    from federation.flwr_local import NO_CALL_HOME, no_call_home
+
+    assert no_call_home({"FLWR_TELEMETRY_ENABLED": "1", "X": "y"}) == {
+        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "1",
+        "RAY_USAGE_STATS_ENABLED": "0", "X": "y"}
+    for var in NO_CALL_HOME:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    sim = LocalSimulation(ROOT, tmp_path)
+    try:
+        env = sim.env()
+        assert (env["FLWR_DISABLE_UPDATE_CHECK"], env["FLWR_TELEMETRY_ENABLED"],
+                env["RAY_USAGE_STATS_ENABLED"]) == ("1", "0", "1")
+    finally:
+        sim.__exit__(None, None, None)
 
 
 @pytest.mark.slow
