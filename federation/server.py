@@ -20,8 +20,7 @@ Run dir (``out-dir``, DESIGN.md layout, rewritten every round): ``model.safetens
 ``config.json``, ``tokenizer.json``, ``metrics.jsonl`` (one ``round`` record per round),
 ``privacy.json`` (DP), plus ``federation.json`` (the run-config), ``partitions.csv`` (and
 ``partitions.png``, drawn when the run ends) and ``fl_state.json`` + ``fl_strategy.safetensors``
-(resume). ``fl_state.json`` is written last
-and atomically: it is the commit point of a round.
+(resume). ``fl_state.json`` is written last and atomically: it is the commit point of a round.
 """
 
 from __future__ import annotations
