@@ -24,7 +24,7 @@ How it measures, identically for every configuration:
   - ``peak_memory_ratio``: the most memory allocated at once (glibc's in-use bytes, read
     after every tensor operation of the steps). This is what the model and the algorithm
     need, the CPU counterpart of ``torch.cuda.max_memory_allocated``, and what the issue's
-    reference figures for stock Opacus were measured with (PLATFORM-NOTES.md: ghost x1.15,
+    reference figures for stock Opacus were measured with (docs/platform-notes.md: ghost x1.15,
     hooks x1.59 at batch 128; this script reads x1.09 and x1.48).
   - ``peak_rss_ratio``: the process's resident high-water mark (ru_maxrss). It adds what the
     allocator holds but does not use: heap fragmentation, which depends on glibc's settings

@@ -3,7 +3,7 @@
 ``flwr run`` against the local connection starts a detached background SuperLink (and its
 SuperExec) that outlives the command; tests and benchmarks must stop it, by PID. This helper:
 
-* builds the environment PLATFORM-NOTES.md asks for: ``FLWR_DISABLE_RUNTIME_DEPENDENCY_
+* builds the environment docs/platform-notes.md asks for: ``FLWR_DISABLE_RUNTIME_DEPENDENCY_
   INSTALLATION=1`` (else Flower installs the app's dependencies into a throwaway env at run
   time, a multi-GB torch download), a private ``FLWR_HOME``, ``RAY_TMPDIR`` and
   ``MPLCONFIGDIR``, and the venv's ``bin`` first on ``PATH`` (Flower spawns

@@ -1,4 +1,4 @@
-"""Privacy ledgers of a federated run (``privacy.json`` in the global run dir, DESIGN.md format).
+"""Privacy ledgers of a federated run (``privacy.json`` in the global run dir, docs/design.md format).
 
 Two kinds, one per DP flavour (a run uses at most one; see settings):
 
@@ -52,7 +52,7 @@ class ClientLedger:
         return float(acc.get_epsilon(self.delta))
 
     def to_json(self, clipping_norm_now: float | None = None) -> dict[str, Any]:
-        """The DESIGN.md ledger; ``history`` recomputes epsilon with any RDP accountant."""
+        """The docs/design.md ledger; ``history`` recomputes epsilon with any RDP accountant."""
         return {"epsilon": self.epsilon(), "delta": self.delta, "accountant": "rdp",
                 "unit": "client", "sampling": "poisson", "max_grad_norm": self.max_grad_norm,
                 "history": self.history, "target_epsilon": self.target_epsilon,

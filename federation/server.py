@@ -16,7 +16,7 @@ replies that did arrive when there are at least ``min-replies`` of them, and oth
 the previous global model. Either way the round is logged (``failures``) and the run goes on.
 (Under client-level DP, Flower's wrappers skip aggregation when any sampled client failed.)
 
-Run dir (``out-dir``, DESIGN.md layout, rewritten every round): ``model.safetensors``,
+Run dir (``out-dir``, docs/design.md layout, rewritten every round): ``model.safetensors``,
 ``config.json``, ``tokenizer.json``, ``metrics.jsonl`` (one ``round`` record per round),
 ``privacy.json`` (DP), plus ``federation.json`` (the run-config), ``partitions.csv`` (and
 ``partitions.png``, drawn when the run ends) and ``fl_state.json`` + ``fl_strategy.safetensors``

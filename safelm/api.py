@@ -196,7 +196,7 @@ def score_encoded(run: Run, enc: Encoded, n_rows: int, batch_size: int = 64) -> 
 
 def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
                       data_overrides: dict[str, Any] | None = None) -> pd.DataFrame:
-    """The predictions table of DESIGN.md for the rows of ``data_path``.
+    """The predictions table of docs/design.md for the rows of ``data_path``.
 
     ``split`` keeps only the rows the run's seeded split put in train, val or test (the same
     split as training, since it depends only on the data and the seed).

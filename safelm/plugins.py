@@ -1,6 +1,6 @@
 """Commands and demo steps that other packages add to ``safelm`` through entry points.
 
-``safelm`` must not import ``audits`` or ``federation`` (DESIGN.md), yet ``safelm audit`` and
+``safelm`` must not import ``audits`` or ``federation`` (docs/design.md), yet ``safelm audit`` and
 ``safelm release`` are subcommands of the one ``safelm`` command and the demo ends with an
 audit. Packages therefore plug in the way pytest plugins do: an entry point in the group
 ``safelm.plugins`` names a module that may define

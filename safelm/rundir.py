@@ -1,6 +1,6 @@
 """The run dir: weights, config, tokenizer, metrics and resume state, written crash-safely.
 
-Layout (DESIGN.md)::
+Layout (docs/design.md)::
 
     model.safetensors   latest weights (unwrapped: no Opacus ``_module.`` prefix)
     config.json         the full resolved config

@@ -1,4 +1,4 @@
-"""report.json follows DESIGN.md; report.html is self-contained and leads with the finding;
+"""report.json follows docs/design.md; report.html is self-contained and leads with the finding;
 the CLI and the plugin structure of `safelm audit`."""
 
 from __future__ import annotations

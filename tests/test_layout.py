@@ -1,4 +1,4 @@
-"""The dependency direction of DESIGN.md, checked by parsing imports with ast."""
+"""The dependency direction of docs/design.md, checked by parsing imports with ast."""
 
 from __future__ import annotations
 

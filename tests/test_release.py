@@ -98,7 +98,7 @@ def fairness_report(tmp_path_factory, dp_run, data) -> Path:
 
 
 def planted_fairness(path: Path, n_flagged: int, diff: float = 0.3) -> Path:
-    """A fairness report.json (DESIGN.md keys) with ``n_flagged`` flagged disparities."""
+    """A fairness report.json (docs/design.md keys) with ``n_flagged`` flagged disparities."""
     disp = [{"slice": "gender", "metric": "accuracy", "kind": "difference",
              "reference": "overall", "label": f"g{i}", "value": -diff + i * 0.01,
              "ci": [-diff - 0.1, -diff + 0.05], "threshold": 0.1, "flagged": i < n_flagged}

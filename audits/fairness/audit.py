@@ -1,5 +1,5 @@
 """The fairness audit: per-group metrics (fairlearn MetricFrame), bootstrap intervals and
-disparities with thresholds, as the report.json of DESIGN.md.
+disparities with thresholds, as the report.json of docs/design.md.
 
 Slices: every attribute alone and every intersection of attributes (all subsets for up to
 three attributes; beyond that each attribute and the full intersection).

@@ -2,7 +2,7 @@
 
 Why not fairlearn's own ``MetricFrame(n_boot=...)``: it resamples the rows of the table with
 pandas and recomputes every metric of every group per resample; on 100,000 rows x 20 groups
-that is 0.74 s per resample (PLATFORM-NOTES), far too slow for 1,000,000 predictions and the
+that is 0.74 s per resample (docs/platform-notes.md), far too slow for 1,000,000 predictions and the
 thousand resamples stable 95% intervals need. The point values still come from MetricFrame.
 
 Why this is the same bootstrap: every metric is a function of per-group sums (``metrics.py``).

@@ -4,7 +4,7 @@ The HTML is built for a ten-second read: it opens with the flagged disparities i
 sentences ("female*old: selection rate 0.27 vs 0.46 overall, ratio 0.60 [0.47, 0.74], below the
 4/5 threshold"), worse-off groups first, then the plots for the slice where they are, then the
 tables. Every number in the HTML and Markdown comes from report.json, which is complete on its
-own (DESIGN.md's shape plus settings, summary, comparison and mitigation sections).
+own (docs/design.md's shape plus settings, summary, comparison and mitigation sections).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading a predictions table (DESIGN.md) and deciding what kind of audit it supports.
+"""Reading a predictions table (docs/design.md) and deciding what kind of audit it supports.
 
 The predictions table is the boundary between training and auditing, so it may come from a
 model SafeLM did not train; every way it can be unusable is a :class:`UserError` that names the

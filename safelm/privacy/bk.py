@@ -2,7 +2,7 @@
 
 Why write this by hand: Opacus' stock modes materialize every per-sample gradient (hooks,
 functorch, ew) or run a second backward pass (ghost clipping); on the project's Transformer
-they cost 1.8-2.9x the time of non-private training (PLATFORM-NOTES.md). DP-SGD needs only
+they cost 1.8-2.9x the time of non-private training (docs/platform-notes.md). DP-SGD needs only
 two things per step: each sample's total gradient norm (for its clip factor) and the sum of
 the clipped gradients. Both follow from what one ordinary backward pass already has at each
 layer: its input ``A`` and its output gradient ``G``.
