@@ -126,8 +126,8 @@ def sign(key: str | Path, data: bytes, *, encrypted: bool = False) -> bytes:
     proc = _ssh_keygen(["-Y", "sign", "-f", str(key), "-n", NAMESPACE], data)
     if proc.returncode == 0 and proc.stdout.startswith(b"-----BEGIN SSH SIGNATURE-----"):
         return proc.stdout
-    why = _last_line(proc)
-    if "bad permissions" in why:
+    why, err = _last_line(proc), proc.stderr.decode(errors="replace")
+    if "bad permissions" in err or "are too open" in err:
         raise UserError(f"--sign {key}: ssh-keygen refuses a private key that others can "
                         f"read; run 'chmod 600 {key}'")
     if encrypted or "passphrase" in why:
