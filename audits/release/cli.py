@@ -72,8 +72,8 @@ def run_release(args: argparse.Namespace) -> int:
     claim = (f"epsilon {p['epsilon']:.4g} (recomputed "
              f"{'n/a' if again is None else format(again, '.4g')}), delta {p['delta']:g}"
              if p["enabled"] and p["epsilon"] is not None else "no DP guarantee")
-    print(f"released {len(m['files']) + 2} files to {args.out}: {claim}")
     sig = m["integrity"].get("signature")
+    print(f"released {len(m['files']) + 2 + bool(sig)} files to {args.out}: {claim}")
     if sig:
         print(f"signed release.sha256 with key {sig['key_fingerprint']} -> "
               f"{args.out}/{sig['file']}; anyone can check it: cd {args.out} && {sig['check']}")
