@@ -59,6 +59,16 @@ def stock_verify(rel: Path, allowed: Path, identity: str) -> subprocess.Complete
                               capture_output=True, text=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread (and much faster on a busy machine)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("keys")

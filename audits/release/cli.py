@@ -12,12 +12,16 @@ RELEASE_DESCRIPTION = (
     "Package RUN_DIR as a release in --out: the weights, config, tokenizer and privacy ledger, "
     "release.json (the manifest: model, data fingerprint, privacy claim recomputed with a "
     "fresh accountant, audit summaries, metrics, versions, seeds, sha256 of every file), "
-    "MODEL_CARD.md/.html and release.sha256. Never copies resume/, canaries.json or data.")
+    "MODEL_CARD.md/.html and release.sha256 (signed into release.sha256.sig with --sign). "
+    "Attached audit reports must have evaluated these weights (their model_sha256). Never "
+    "copies resume/, canaries.json or data.")
 VERIFY_DESCRIPTION = (
     "Check a release dir: every file's sha256 (no file extra or missing), release.json's "
     "schema, then the policy's gates. Prints one PASS/FAIL line per gate; exit 0 when all "
     "pass, 1 when any fails, 2 on bad usage. Without --policy: integrity, schema, the claimed "
-    "epsilon against a fresh accountant, and an attached empirical audit's bound <= the claim.")
+    "epsilon against a fresh accountant, an attached empirical audit's bound <= the claim, and "
+    "attached audits bound to the released weights. With --allowed-signers: the signature "
+    "(gate signature), checked by stock 'ssh-keygen -Y verify'.")
 POLICY_HELP = (
     "TOML or JSON with any of: require_dp, max_epsilon, max_delta, recompute_epsilon, "
     "require_empirical_audit, empirical_le_claimed, require_fairness_audit, "
