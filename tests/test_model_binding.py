@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY, write_cls_csv, write_lm_txt
 from safelm import Config, train_run
 
-from test_release import cli, failed_gates, one_error_line, sha  # noqa: I001
+from release_helpers import cli, failed_gates, one_error_line, sha
 
 
 @pytest.fixture(scope="module", autouse=True)

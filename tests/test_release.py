@@ -8,7 +8,6 @@ are checked against planted audit reports whose verdicts are known in advance.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import pickle
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, write_cls_csv
+from release_helpers import cli, failed_gates, one_error_line, sha
 from safelm import Config, train_run
 from safelm.api import load_run, predictions_table, write_csv
 from safelm.cli import main
@@ -28,30 +28,6 @@ RELEASED = ("model.safetensors", "config.json", "tokenizer.json", "privacy.json"
 KEYS = ("schema_version", "kind", "name", "created", "files", "integrity", "intended_use",
         "model", "data", "training", "privacy", "empirical_privacy_audit", "fairness_audit",
         "evaluation", "versions", "seeds")
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, (rc, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    for n in needles:
-        assert n in err, (n, err)
-
-
-def failed_gates(out: str) -> set[str]:
-    return {ln.split()[1].rstrip(":") for ln in out.splitlines() if ln.startswith("FAIL ")}
 
 
 def flip_byte(p: Path, at: float = 0.5) -> None:

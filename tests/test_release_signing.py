@@ -22,7 +22,7 @@ import pytest
 from conftest import TINY, write_cls_csv
 from safelm import Config, train_run
 
-from test_release import cli, failed_gates, one_error_line, sha  # noqa: I001
+from release_helpers import cli, failed_gates, one_error_line, sha
 
 NS = "safelm-release"
 

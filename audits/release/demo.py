@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safelm.errors import UserError
 
 from ..common import atomic_write_text
 from ..reporting import esc, page
