@@ -291,10 +291,12 @@ def test_encrypted_key_signs_through_an_agent_that_holds_it(capsys, dp_run, keys
                        stdin=subprocess.DEVNULL, start_new_session=True,
                        env={**os.environ, "SSH_ASKPASS": str(askpass),
                             "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"})
-        rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / "r1", "--sign", key)
-        assert rc == 0, err
-        assert stock_verify(tmp_path / "r1", allowed_signers(tmp_path / "a", key),
-                            "locked@safelm.test").returncode == 0
+        allowed = allowed_signers(tmp_path / "a", key)
+        # The encrypted private key file, or its public half: the agent signs either way.
+        for name, k in (("r1", key), ("r2", key.with_suffix(".pub"))):
+            rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / name, "--sign", k)
+            assert rc == 0, err
+            assert stock_verify(tmp_path / name, allowed, "locked@safelm.test").returncode == 0
     finally:
         os.kill(pid, signal.SIGTERM)
 

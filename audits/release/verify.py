@@ -143,7 +143,10 @@ def _bound_gate(m: dict[str, Any]) -> tuple[bool, str]:
                       ("empirical privacy audit", m["empirical_privacy_audit"])):
         if rep is None:
             continue
-        h = rep.get("model_sha256")
+        inputs = rep.get("inputs") if isinstance(rep.get("inputs"), dict) else {}
+        # Releases made before summaries had model_sha256 kept the report's inputs.
+        h = rep.get("model_sha256") or inputs.get("model_sha256") or \
+            inputs.get("model.safetensors_sha256")
         if h is not None and h == weights:
             good.append(what)
         else:
