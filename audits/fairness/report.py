@@ -116,7 +116,8 @@ def complete(report: dict[str, Any], pt: PredTable, extra_inputs: dict[str, Any]
     report["summary"] = {"n_flagged": sum(d["flagged"] for d in report["disparities"]),
                          "flagged": headline(report)}
     report["inputs"] = {"predictions": str(pt.path), "predictions_sha256": pt.sha256,
-                        "model_sha256": pt.model_sha256, "rows": len(pt.df), "warnings": pt.warnings, **(extra_inputs or {})}
+                        "model_sha256": pt.model_sha256, "rows": len(pt.df),
+                        "warnings": pt.warnings, **(extra_inputs or {})}
     report["versions"] = versions()
     report["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return report

@@ -139,7 +139,8 @@ def _privacy(p: dict[str, Any]) -> list[Block]:
 def _empirical(e: dict[str, Any] | None, priv: dict[str, Any]) -> list[Block]:
     if e is None:
         return [("p", "No empirical privacy audit was attached to this release.")]
-    return [_binding("empirical privacy audit", e), ("p", f"Membership-inference and canary attacks give an empirical lower bound "
+    return [_binding("empirical privacy audit", e),
+            ("p", f"Membership-inference and canary attacks give an empirical lower bound "
                   f"epsilon >= {_f(e['empirical_epsilon'])} (confidence "
                   f"{_f(e['confidence'])}), against the claimed "
                   f"{_f(priv['epsilon'])}. The audit's own verdict: "

@@ -154,7 +154,8 @@ def _bound_gate(m: dict[str, Any]) -> tuple[bool, str]:
                        + (f"other weights (sha256 {str(h)[:12]}...)" if h else
                           "unrecorded weights (no model_sha256)"))
     if bad:
-        return False, "; ".join(bad) + " (attached with --allow-unbound-report; set "                                        "require_bound_audits = false to accept that)"
+        return False, ("; ".join(bad) + " (attached with --allow-unbound-report; set "
+                       "require_bound_audits = false to accept that)")
     return True, f"{' and '.join(good)} evaluated the released weights ({str(weights)[:12]}...)"
 
 
