@@ -115,8 +115,8 @@ def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
                                if isinstance(v, str)])]),
         ("Files and verification", [
             ("table", ["file", "sha256"], [[k, v] for k, v in m["files"].items()]),
-            ("p", "release.json lists every file but itself and release.sha256; release.sha256 "
-                  "lists every file but itself. Check everything with `safelm verify DIR "
+            ("p", "release.json lists every file but itself, release.sha256 and a signature; "
+                  "release.sha256 lists every file but itself and a signature. Check everything with `safelm verify DIR "
                   "[--policy FILE]`, or the hashes alone with `sha256sum -c release.sha256`."),
             *_signature(m)]),
     ]
