@@ -11,11 +11,11 @@ from typing import Any
 # `safelm --help` and `import safelm.errors` do not pay for torch and Opacus start-up.
 _EXPORTS = {
     "api": ["Prepared", "Run", "generate", "load_run", "predictions_table",
-            "prepare", "score_encoded", "train_run", "write_csv"],
+            "prepare", "score_encoded", "train_run", "write_csv", "model_sha256"],
     "config": ["Config", "DataConfig", "ModelConfig", "PrivacyConfig", "TrainConfig"],
     "data": ["BlockDataset", "Encoded", "encode_rows", "load_rows", "split_rows"],
     "errors": ["ConfigError", "DataError", "UserError"],
-    "hashing": ["file_sha256"],
+    "hashing": ["file_sha256", "meta_path", "read_model_sha256"],
     "model": ["LSTMModel", "Transformer", "build_model"],
     "privacy": ["recompute_epsilon"],
     "tokenizer": ["Tokenizer"],

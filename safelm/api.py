@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from .config import Config
 from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
 from .distributed import init_from_env
 from .errors import UserError
-from .hashing import file_sha256
+from .hashing import file_sha256, predictions_meta, replace_with_meta, write_meta_tmp
 from .model import build_model
 from .reweighting import row_weights
 from .tokenizer import Tokenizer
@@ -230,6 +229,9 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
         enc.labels[:] = -1
     s = score_encoded(run, enc, len(rows))
     table = pd.DataFrame({"example_id": rows["example_id"]})
+    # Which weights made this table: write_csv records it in the <file>.meta.json sidecar.
+    table.attrs["model_sha256"] = model_sha256(run)
+    table.attrs["split"] = split
     if task == "classify":
         table["y_true"] = rows["label"].values if has_labels else ""
         table["y_pred"] = [labels[i] for i in s["probs"].argmax(1)]
@@ -247,12 +249,28 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
     return table
 
 
+def model_sha256(run: Run) -> str:
+    """sha256 of the run's ``model.safetensors``: the identity every audit report records.
+
+    ``load_run`` already refused weights that differ from the dir's listing, so this is the
+    hash of the weights the loaded model holds."""
+    return file_sha256(run.path / rundir.WEIGHTS)
+
+
 def write_csv(table: pd.DataFrame, out: str | Path) -> None:
+    """Write ``table`` to ``out`` atomically. A table from :func:`predictions_table` also gets
+    the sidecar ``<out>.meta.json`` with the weights' sha256 (docs/design.md, "Files"); any
+    other table removes a stale sidecar left there by an earlier one."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     table.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    meta_tmp = None
+    model = table.attrs.get("model_sha256")
+    if isinstance(model, str):
+        meta_tmp = write_meta_tmp(out, predictions_meta(
+            file_sha256(tmp), model, rows=len(table), split=table.attrs.get("split")))
+    replace_with_meta(tmp, out, meta_tmp)
 
 
 # ---- generation ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ are checked against planted audit reports whose verdicts are known in advance.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import pickle
 import re
@@ -18,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, write_cls_csv
+from release_helpers import cli, failed_gates, one_error_line, sha
 from safelm import Config, train_run
-from safelm.api import load_run, predictions_table
+from safelm.api import load_run, predictions_table, write_csv
 from safelm.cli import main
 from safelm.errors import UserError
 
@@ -28,30 +28,6 @@ RELEASED = ("model.safetensors", "config.json", "tokenizer.json", "privacy.json"
 KEYS = ("schema_version", "kind", "name", "created", "files", "integrity", "intended_use",
         "model", "data", "training", "privacy", "empirical_privacy_audit", "fairness_audit",
         "evaluation", "versions", "seeds")
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, (rc, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    for n in needles:
-        assert n in err, (n, err)
-
-
-def failed_gates(out: str) -> set[str]:
-    return {ln.split()[1].rstrip(":") for ln in out.splitlines() if ln.startswith("FAIL ")}
 
 
 def flip_byte(p: Path, at: float = 0.5) -> None:
@@ -91,21 +67,24 @@ def fairness_report(tmp_path_factory, dp_run, data) -> Path:
     from audits.fairness.pipeline import fairness_audit
     d = tmp_path_factory.mktemp("fair")
     table = predictions_table(load_run(dp_run), data, data_overrides={"group_cols": ["gender"]})
-    table.to_csv(d / "pred.csv", index=False)
+    write_csv(table, d / "pred.csv")  # with its .meta.json: the report knows the weights
     rep = fairness_audit(d / "pred.csv", ["gender"], d / "audit",
                          settings=AuditSettings(n_boot=100))
     return Path(rep["_paths"]["html"])
 
 
-def planted_fairness(path: Path, n_flagged: int, diff: float = 0.3) -> Path:
-    """A fairness report.json (docs/design.md keys) with ``n_flagged`` flagged disparities."""
+def planted_fairness(path: Path, n_flagged: int, diff: float = 0.3,
+                     weights: Path | None = None) -> Path:
+    """A fairness report.json (docs/design.md keys) with ``n_flagged`` flagged disparities,
+    bound to ``weights`` (their sha256 as inputs.model_sha256) when given."""
     disp = [{"slice": "gender", "metric": "accuracy", "kind": "difference",
              "reference": "overall", "label": f"g{i}", "value": -diff + i * 0.01,
              "ci": [-diff - 0.1, -diff + 0.05], "threshold": 0.1, "flagged": i < n_flagged}
             for i in range(max(n_flagged, 1) + 2)]
     path.write_text(json.dumps({"by_group": [], "disparities": disp, "overall": {},
                                 "summary": {"n_flagged": n_flagged, "flagged": []},
-                                "inputs": {"predictions_sha256": "0" * 64},
+                                "inputs": {"predictions_sha256": "0" * 64,
+                                           "model_sha256": sha(weights) if weights else None},
                                 "versions": {}}))
     return path
 
@@ -220,7 +199,8 @@ def test_verify_passes_and_names_each_gate(capsys, dp_release):
     assert rc == 0, out + err
     gates = [ln.split()[1].rstrip(":") for ln in out.splitlines()
              if ln.startswith(("PASS", "FAIL"))]
-    assert gates == ["integrity", "schema", "epsilon_recomputes", "empirical_le_claimed"]
+    assert gates == ["integrity", "schema", "epsilon_recomputes", "empirical_le_claimed",
+                     "audits_bound"]
     assert sha(dp_release / "release.sha256") in out  # the release digest is printed
 
 
@@ -292,7 +272,10 @@ def test_release_loads_and_predicts_like_its_run(capsys, dp_release, dp_run, dat
                                   "release.json"])
 def test_load_run_refuses_a_tampered_release(capsys, dp_release, copy_of, data, tmp_path, name):
     rel = copy_of(dp_release)
-    flip_byte(rel / name)
+    text = (rel / name).read_bytes()
+    # release.json: a digit of its timestamp, so it stays valid JSON whatever its layout
+    at = (text.index(b'"created": "') + 13) / len(text) if name == "release.json" else 0.5
+    flip_byte(rel / name, at)
     with pytest.raises(UserError, match="hash mismatch"):
         load_run(rel)
     rc, _, err = cli(capsys, "predict", rel, "--data", data, "--out", tmp_path / "p.csv")
@@ -355,7 +338,8 @@ def test_max_epsilon_below_the_claim_fails(capsys, dp_release, tmp_path):
 
 def test_empirical_bound_above_the_claim_fails(capsys, dp_run, tmp_path):
     eps = json.loads((dp_run / "privacy.json").read_text())["epsilon"]
-    audit = planted_privacy_audit(tmp_path / "audit.json", eps, eps + 0.5)
+    audit = planted_privacy_audit(tmp_path / "audit.json", eps, eps + 0.5,
+                                  dp_run / "model.safetensors")
     rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / "rel", "--privacy-audit",
                      audit)
     assert rc == 0, err
@@ -366,12 +350,13 @@ def test_empirical_bound_above_the_claim_fails(capsys, dp_run, tmp_path):
     assert rc == 0, out
 
 
-def test_privacy_audit_of_another_run_is_refused(capsys, dp_run, tmp_path):
+def test_privacy_audit_without_a_weights_hash_is_refused(capsys, dp_run, tmp_path):
+    """Even with this run's claimed epsilon: a claim is shared by many runs, weights are not."""
     eps = json.loads((dp_run / "privacy.json").read_text())["epsilon"]
-    audit = planted_privacy_audit(tmp_path / "audit.json", eps * 2, 0.1)
+    audit = planted_privacy_audit(tmp_path / "audit.json", eps, 0.1)
     rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / "rel", "--privacy-audit",
                      audit)
-    one_error_line(rc, err, "claimed_epsilon")
+    one_error_line(rc, err, "no model_sha256", "--allow-unbound-report")
     assert not (tmp_path / "rel").exists()
 
 
@@ -381,7 +366,7 @@ def test_privacy_audit_is_tied_to_the_weights_when_it_records_them(capsys, dp_ru
     other = planted_privacy_audit(tmp_path / "a.json", eps, 0.1, plain_run / "model.safetensors")
     rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / "r1", "--privacy-audit",
                      other)
-    one_error_line(rc, err, "other weights")
+    one_error_line(rc, err, "other weights", "--allow-unbound-report")
     # Same weights, a different claim tested by the audit: still this model's audit.
     same = planted_privacy_audit(tmp_path / "b.json", eps * 2, 0.1, dp_run / "model.safetensors")
     rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / "r2", "--privacy-audit",
@@ -399,7 +384,8 @@ def test_missing_audits_fail_policies_that_require_them(capsys, plain_run, tmp_p
 
 
 def test_flagged_disparities_above_the_maximum_fail(capsys, plain_run, tmp_path):
-    rep = planted_fairness(tmp_path / "fair.json", n_flagged=3)
+    rep = planted_fairness(tmp_path / "fair.json", n_flagged=3,
+                           weights=plain_run / "model.safetensors")
     rc, _, err = cli(capsys, "release", plain_run, "--out", tmp_path / "rel",
                      "--fairness-report", rep)
     assert rc == 0, err
@@ -463,7 +449,8 @@ def test_demo_step_releases_verifies_and_links_everything(dp_run, fairness_repor
     from audits.release.demo import demo_step
     eps = json.loads((dp_run / "privacy.json").read_text())["epsilon"]
     (tmp_path / "privacy").mkdir()
-    audit = planted_privacy_audit(tmp_path / "privacy" / "report.json", eps, 0.2)
+    audit = planted_privacy_audit(tmp_path / "privacy" / "report.json", eps, 0.2,
+                                  dp_run / "model.safetensors")
     (tmp_path / "privacy" / "report.html").write_text("<html></html>")
     ctx = {"out": tmp_path / "demo", "dp_classifier_run": dp_run,
            "fairness_report": fairness_report, "privacy_audit": audit,

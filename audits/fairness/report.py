@@ -116,7 +116,8 @@ def complete(report: dict[str, Any], pt: PredTable, extra_inputs: dict[str, Any]
     report["summary"] = {"n_flagged": sum(d["flagged"] for d in report["disparities"]),
                          "flagged": headline(report)}
     report["inputs"] = {"predictions": str(pt.path), "predictions_sha256": pt.sha256,
-                        "rows": len(pt.df), "warnings": pt.warnings, **(extra_inputs or {})}
+                        "model_sha256": pt.model_sha256, "rows": len(pt.df),
+                        "warnings": pt.warnings, **(extra_inputs or {})}
     report["versions"] = versions()
     report["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return report
@@ -297,6 +298,7 @@ def _footer(report: dict[str, Any]) -> str:
             f"ratios below {th['ratio']} or above {1 / th['ratio']:.2f} (selection rates, "
             "perplexity). Groups are never dropped; small ones are marked. Full numbers: "
             f"report.json.</p><p class=meta>input sha256 {esc(inp['predictions_sha256'])} · "
+            f"model sha256 {esc(inp.get('model_sha256') or 'unknown')} · "
             + esc(", ".join(f"{k} {v}" for k, v in report["versions"].items())) + "</p>")
 
 
@@ -334,7 +336,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             out.append(f"- {e['label']} (n={e['n']}): change {fmt(m['change'])} "
                        f"{fmt_ci(m['ci'])}")
         out.append("")
-    out += [f"Input sha256: `{inp['predictions_sha256']}`", ""]
+    out += [f"Input sha256: `{inp['predictions_sha256']}`; model sha256: "
+            f"`{inp.get('model_sha256') or 'unknown (no predictions sidecar)'}`", ""]
     return "\n".join(out)
 
 

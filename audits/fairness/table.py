@@ -20,6 +20,9 @@ file, the column or row, and the fix. Documented handling of awkward but valid i
 * **Groups of one** are kept: see ``audit.py`` on small groups.
 * **A model that predicts one class** (> 99% of rows) gets a warning: its selection rates
   are near 0 or 1 and their ratios are unstable, which the report should not hide.
+* **Which model.** ``safelm predict`` writes ``<file>.meta.json`` with the weights' sha256;
+  when it describes exactly this file, the report records it as ``inputs.model_sha256`` (a
+  release refuses a report bound to other weights). Without one it is null, with a warning.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from safelm.errors import UserError
+from safelm.hashing import read_model_sha256
 
 from ..common import sha256_file
 from .metrics import Task, encode
@@ -52,6 +56,7 @@ class PredTable:
     task: Task
     sensitive: list[str]
     warnings: list[str] = field(default_factory=list)
+    model_sha256: str | None = None  # the weights that made the table (its sidecar), or unknown
 
     def encoded(self) -> tuple[np.ndarray, np.ndarray]:
         """(code [N], continuous [N, C]) of every row (see ``metrics.encode``)."""
@@ -163,7 +168,10 @@ def load_predictions(path: str | Path, sensitive: str | list[str], *,
         task = _lm_task(df, out, p)
     else:
         task = _cls_task(df, out, p, pos_label, n_bins, warnings)
-    return PredTable(out, p, sha256_file(p), task, sens, warnings)
+    model, why = read_model_sha256(p)
+    if why:
+        warnings.append(why)
+    return PredTable(out, p, sha256_file(p), task, sens, warnings, model)
 
 
 def _lm_task(df: pd.DataFrame, out: pd.DataFrame, p: Path) -> Task:

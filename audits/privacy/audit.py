@@ -155,4 +155,5 @@ def input_hashes(run_dir: Path, members: str | Path, non_members: str | Path) ->
     for name in ("model.safetensors", "config.json", "privacy.json", exposure.CANARIES_FILE):
         if (run_dir / name).is_file():
             out[f"{name}_sha256"] = sha256_file(run_dir / name)
+    out["model_sha256"] = out.get("model.safetensors_sha256")  # the key every report shares
     return out

@@ -2,7 +2,8 @@
 
 What is released: the weights, config, tokenizer and privacy ledger (copied byte for byte,
 checked against the run's ``checksums.json``), ``release.json`` for machines,
-``MODEL_CARD.md``/``.html`` for people and ``release.sha256`` (see ``manifest``). What never
+``MODEL_CARD.md``/``.html`` for people, ``release.sha256`` (see ``manifest``) and, with
+``--sign KEY``, ``release.sha256.sig`` (see ``signing``). What never
 is: ``resume/`` (optimizer state: pickles of moments that leak gradients), ``canaries.json``
 (the planted secrets), ``data.json`` (a local path), metrics or any row of data.
 
@@ -25,8 +26,9 @@ from typing import Any
 from safelm.errors import UserError
 from safelm.hashing import file_sha256
 
-from ..common import atomic_write_json, atomic_write_text, jsonable, versions
-from . import accounting, card, summaries
+from ..common import (atomic_write_bytes, atomic_write_json, atomic_write_text, jsonable,
+                      versions)
+from . import accounting, card, signing, summaries
 from .manifest import (CARD_HTML, CARD_MD, KIND, RELEASE_JSON, SCHEMA_VERSION, SUMS,
                        sums_text)
 
@@ -46,6 +48,8 @@ class ReleaseOptions:
     data_description: str | None = None
     fairness_report: str | Path | None = None
     privacy_audit: str | Path | None = None
+    allow_unbound_report: bool = False  # attach reports not bound to these weights (said so)
+    sign_key: str | Path | None = None  # OpenSSH private key: write release.sha256.sig
 
 
 def check_out(out: Path) -> None:
@@ -67,12 +71,22 @@ def release(run_dir: str | Path, out: str | Path, options: ReleaseOptions | None
     if missing:
         raise UserError(f"{src}: missing {', '.join(missing)}; not a finished run dir")
     run = load_run(src, device="cpu")  # also refuses files whose checksums do not match
+    # A key that cannot sign (not a key, encrypted without an agent) is refused before
+    # anything is built: a probe is signed, and its key's fingerprint goes into release.json.
+    key_fp = signing.check_key(opts.sign_key) if opts.sign_key else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         hashes = _copy_files(src, tmp)
         manifest = describe(src, run, hashes, opts)
+        if key_fp:
+            manifest["integrity"]["signature"] = {
+                "file": signing.SIG, "format": "sshsig", "namespace": signing.NAMESPACE,
+                "key_fingerprint": key_fp, "check": signing.CHECK}
         write_release(tmp, manifest)
+        if key_fp:
+            atomic_write_bytes(tmp / signing.SIG,
+                               signing.sign(opts.sign_key, (tmp / SUMS).read_bytes()))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the release from others
@@ -109,9 +123,10 @@ def describe(src: Path, run: Any, hashes: dict[str, str], opts: ReleaseOptions
     cfg = run.cfg
     ledger = json.loads((src / "privacy.json").read_text()) if "privacy.json" in hashes else None
     privacy = accounting.privacy_section(ledger)
-    fair = summaries.fairness_summary(opts.fairness_report) if opts.fairness_report else None
-    emp = (summaries.privacy_audit_summary(opts.privacy_audit, privacy["epsilon"],
-                                           hashes["model.safetensors"])
+    weights, unbound = hashes["model.safetensors"], opts.allow_unbound_report
+    fair = (summaries.fairness_summary(opts.fairness_report, weights, unbound)
+            if opts.fairness_report else None)
+    emp = (summaries.privacy_audit_summary(opts.privacy_audit, weights, unbound)
            if opts.privacy_audit else None)
     model = {"task": cfg.train.task, "arch": cfg.model.arch, "n_layer": cfg.model.n_layer,
              "n_head": cfg.model.n_head, "d_model": cfg.model.d_model,

@@ -56,7 +56,35 @@ def intended_use(cfg: Any, ledger: dict | None, fair: dict | None, emp: dict | N
                "disparities (see below).")
     if emp is None:
         lim.append("No empirical privacy audit was attached.")
+    for what, rep in (("fairness audit", fair), ("empirical privacy audit", emp)):
+        if rep is not None and not rep.get("bound_to_weights"):
+            lim.append(unbound_sentence(what, rep))
     return {"use": use, "out_of_scope": out, "limitations": lim}
+
+
+def unbound_sentence(what: str, rep: dict[str, Any]) -> str:
+    return (f"The attached {what} is NOT bound to the released weights: "
+            f"{rep.get('unbound_reason') or 'it records no matching model hash'}. It was "
+            "attached with --allow-unbound-report; its numbers may describe another model.")
+
+
+def _binding(what: str, rep: dict[str, Any]) -> Block:
+    if rep.get("bound_to_weights"):
+        return ("p", f"This {what} evaluated the released weights (model.safetensors sha256 "
+                     f"{rep['model_sha256']}).")
+    return ("p", unbound_sentence(what, rep))
+
+
+def _signature(m: dict[str, Any]) -> list[Block]:
+    sig = m["integrity"].get("signature")
+    if not sig:
+        return [("p", "This release is not signed: its hashes show that files agree with each "
+                      "other, not who made them. Compare the release digest with one published "
+                      "by its maker.")]
+    return [("p", f"release.sha256 is signed ({sig['file']}, OpenSSH {sig['format']}, namespace "
+                  f"{sig['namespace']}) with the key {sig['key_fingerprint']}. Check it with "
+                  f"stock OpenSSH: `{sig['check']}`, or `safelm verify DIR --allowed-signers "
+                  "FILE`; the allowed_signers file says whose key this must be.")]
 
 
 def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
@@ -87,9 +115,10 @@ def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
                                if isinstance(v, str)])]),
         ("Files and verification", [
             ("table", ["file", "sha256"], [[k, v] for k, v in m["files"].items()]),
-            ("p", "release.json lists every file but itself and release.sha256; release.sha256 "
-                  "lists every file but itself. Check everything with `safelm verify DIR "
-                  "[--policy FILE]`, or the hashes alone with `sha256sum -c release.sha256`.")]),
+            ("p", "release.json lists every file but itself, release.sha256 and a signature; "
+                  "release.sha256 lists every file but itself and a signature. Check everything with `safelm verify DIR "
+                  "[--policy FILE]`, or the hashes alone with `sha256sum -c release.sha256`."),
+            *_signature(m)]),
     ]
     return secs
 
@@ -110,7 +139,8 @@ def _privacy(p: dict[str, Any]) -> list[Block]:
 def _empirical(e: dict[str, Any] | None, priv: dict[str, Any]) -> list[Block]:
     if e is None:
         return [("p", "No empirical privacy audit was attached to this release.")]
-    return [("p", f"Membership-inference and canary attacks give an empirical lower bound "
+    return [_binding("empirical privacy audit", e),
+            ("p", f"Membership-inference and canary attacks give an empirical lower bound "
                   f"epsilon >= {_f(e['empirical_epsilon'])} (confidence "
                   f"{_f(e['confidence'])}), against the claimed "
                   f"{_f(priv['epsilon'])}. The audit's own verdict: "
@@ -124,7 +154,8 @@ def _fairness(f: dict[str, Any] | None) -> list[Block]:
     rows = [[str(d["slice"]), str(d["group"]), f"{d['metric']} {d['kind']}", _f(d["value"]),
              _ci(d["ci"]), _f(d["threshold"]), "yes" if d["flagged"] else "no"]
             for d in f["worst"]]
-    return [("p", f"{f['n_flagged']} of {f['n_disparities']} disparities flagged (a flag "
+    return [_binding("fairness audit", f),
+            ("p", f"{f['n_flagged']} of {f['n_disparities']} disparities flagged (a flag "
                   "needs the whole interval beyond the tolerance). The largest:"),
             ("table", ["slice", "group", "disparity", "value", "interval", "tolerance",
                        "flagged"], rows), ("ul", f["flagged"])]

@@ -15,6 +15,11 @@ So a changed byte in a model file breaks its hash in both listings, one in ``rel
 breaks its line in ``release.sha256``, and one in ``release.sha256`` breaks the byte-exact
 comparison. The sha256 of ``release.sha256`` is the release digest: publish it (or sign the
 file) to make the release tamper-evident against someone who rewrites every listing.
+
+``release.sha256.sig`` (``--sign``) is the one file no listing covers: it signs
+``release.sha256`` and so cannot be listed in it. It may be present in any release (one can be
+signed afterwards with stock ``ssh-keygen -Y sign``); it must be present when release.json's
+``integrity.signature`` says the release was signed, so deleting it fails integrity too.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ SCHEMA_VERSION = 1
 KIND = "safelm-release"
 # The same names as safelm.rundir.RELEASE_MANIFEST / RELEASE_SUMS (which load_run checks);
 # repeated so that verify does not import torch through safelm.rundir.
-RELEASE_JSON, SUMS = "release.json", "release.sha256"
+RELEASE_JSON, SUMS, SIG = "release.json", "release.sha256", "release.sha256.sig"
 CARD_MD, CARD_HTML = "MODEL_CARD.md", "MODEL_CARD.html"
 HEX = set("0123456789abcdef")
 
@@ -76,10 +81,14 @@ def check_integrity(release: Path, manifest: dict[str, Any] | None) -> list[str]
         files = {}
         problems.append(f"{RELEASE_JSON} is missing or unreadable, or has no 'files' map")
     expected = set(files) | {RELEASE_JSON, SUMS}
-    problems += [f"extra file {n}" for n in sorted(present - expected) if n not in odd]
+    integrity = manifest.get("integrity") if manifest else None
+    if isinstance(integrity, dict) and integrity.get("signature"):
+        expected.add(SIG)  # declared signed: removing the signature is a missing file
+    problems += [f"extra file {n}" for n in sorted(present - expected - {SIG})
+                 if n not in odd]
     problems += [f"missing file {n}" for n in sorted(expected - present)]
     actual = {n: file_sha256(release / n) for n in sorted(expected & present) if n not in odd
-              and n != SUMS}
+              and n not in (SUMS, SIG)}
     for name, digest in sorted(files.items()):
         if name in actual and actual[name] != digest:
             problems.append(f"{name}: sha256 differs from {RELEASE_JSON}")

@@ -15,6 +15,10 @@ Keys (all optional; a file may also put them under a ``[policy]`` table)::
     max_abs_difference = 0.1        # |difference| disparities, groups not
                                     # marked small, at most this               (default none)
     min_ratio = 0.8                 # ratio disparities at least this          (default none)
+    require_signature = true        # release.sha256.sig verifies against
+                                    # verify's --allowed-signers FILE          (default false)
+    require_bound_audits = true     # every attached audit evaluated the
+                                    # released weights (its model_sha256)      (default true)
 
 Without a policy file ``verify`` checks integrity, the schema, the recomputed epsilon and,
 when an empirical audit is attached, that its bound does not exceed the claim. A limit on
@@ -47,6 +51,8 @@ class Policy:
     max_flagged_disparities: int | None = None
     max_abs_difference: float | None = None
     min_ratio: float | None = None
+    require_signature: bool = False
+    require_bound_audits: bool = True
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Policy)}

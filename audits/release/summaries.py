@@ -62,6 +62,34 @@ def _scalars(d: Any, strings: bool = True) -> dict[str, Any]:
             (strings and isinstance(v, str) and len(v) <= MAX_LABEL)}
 
 
+# ---- binding: a report must be about the released weights ----------------------------------
+class UnboundReport(UserError):
+    """An audit report that does not show it evaluated the weights being released."""
+
+
+def binding(what: str, p: Path, audited: Any, weights_sha256: str, allow_unbound: bool
+            ) -> dict[str, Any]:
+    """``{"model_sha256", "bound_to_weights", "unbound_reason"}`` for a summary; raises
+    :class:`UnboundReport` for an unbound report unless ``allow_unbound``.
+
+    Why a hash and not the run's claimed epsilon or name: two runs can share a claim, and a
+    report from yesterday's run would otherwise pass as today's. Only the sha256 of
+    ``model.safetensors`` names the weights themselves."""
+    audited = audited if isinstance(audited, str) else None
+    if audited == weights_sha256:
+        return {"model_sha256": audited, "bound_to_weights": True, "unbound_reason": None}
+    why = (f"it evaluated other weights (model sha256 {audited[:12]}..., the released "
+           f"model.safetensors is {weights_sha256[:12]}...)" if audited else
+           "it records no model_sha256 (e.g. a predictions table without its .meta.json "
+           "sidecar, or a report from an older SafeLM), so nothing ties it to these weights")
+    if not allow_unbound:
+        raise UnboundReport(f"{what} {p}: {why}; audit the weights being released (for "
+                            "fairness: 'safelm predict' this run, then audit that table "
+                            "beside its .meta.json), or pass --allow-unbound-report to attach "
+                            "it anyway (the card then says it is unbound)")
+    return {"model_sha256": audited, "bound_to_weights": False, "unbound_reason": why}
+
+
 # ---- fairness ------------------------------------------------------------------------------
 def excess(d: dict[str, Any]) -> float:
     """How far a disparity is from parity, in units of its tolerance (for ranking)."""
@@ -82,10 +110,14 @@ def _group(d: dict[str, Any]) -> str:
     return str(d.get("label") or d.get("group") or d.get("reference") or "")
 
 
-def fairness_summary(path: str | Path) -> dict[str, Any]:
+def fairness_summary(path: str | Path, weights_sha256: str, allow_unbound: bool = False
+                     ) -> dict[str, Any]:
     """n flagged, the worst disparities with their intervals, and the extremes policies use."""
     p = report_json_path(path, "--fairness-report")
     rep = read_report(p, "--fairness-report", ("disparities",))
+    inputs = rep.get("inputs") if isinstance(rep.get("inputs"), dict) else {}
+    bound = binding("--fairness-report", p, inputs.get("model_sha256"), weights_sha256,
+                    allow_unbound)
     disp = [d for d in rep["disparities"] if isinstance(d, dict)]
     ranked = sorted(disp, key=lambda d: (bool(d.get("flagged")), excess(d)), reverse=True)
     worst = [{"slice": d.get("slice"), "group": _group(d),
@@ -110,7 +142,7 @@ def fairness_summary(path: str | Path) -> dict[str, Any]:
         "min_ratio": min(ratios) if ratios else None,
         "overall": {m: {"value": _num(v.get("value")), "ci": v.get("ci")}
                     for m, v in overall.items() if isinstance(v, dict)},
-        "inputs": _scalars(rep.get("inputs")),
+        "inputs": _scalars(rep.get("inputs")), **bound,
     })
 
 
@@ -137,32 +169,14 @@ def _attack(a: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _same_model(rep: dict[str, Any], p: Path, weights_sha256: str | None,
-                claimed: float | None) -> None:
-    """Refuse an audit of another model: by its weights hash when the report records one,
-    else by its claimed epsilon (a report without either cannot be tied to this run)."""
-    inputs = rep.get("inputs") if isinstance(rep.get("inputs"), dict) else {}
-    audited = inputs.get("model.safetensors_sha256")
-    if audited is not None:
-        if audited != weights_sha256:
-            raise UserError(f"--privacy-audit {p}: it audited other weights (sha256 "
-                            f"{str(audited)[:12]}..., this run's are {str(weights_sha256)[:12]}"
-                            "...); audit this run and pass that report")
-        return
-    rc = _num(rep.get("claimed_epsilon"))
-    if (rc is None) != (claimed is None) or (rc is not None and claimed is not None and
-                                             abs(rc - claimed) > 1e-3 * max(1.0, claimed)):
-        raise UserError(f"--privacy-audit {p}: its claimed_epsilon {rep['claimed_epsilon']} "
-                        f"is not this run's epsilon {claimed}; audit this run and pass that "
-                        "report")
-
-
-def privacy_audit_summary(path: str | Path, claimed: float | None,
-                          weights_sha256: str | None = None) -> dict[str, Any]:
+def privacy_audit_summary(path: str | Path, weights_sha256: str,
+                          allow_unbound: bool = False) -> dict[str, Any]:
     """The empirical lower bound on epsilon, its confidence and the attacks behind it."""
     p = report_json_path(path, "--privacy-audit")
     rep = read_report(p, "--privacy-audit", ("empirical_epsilon", "claimed_epsilon"))
-    _same_model(rep, p, weights_sha256, claimed)
+    inputs = rep.get("inputs") if isinstance(rep.get("inputs"), dict) else {}
+    audited = inputs.get("model_sha256") or inputs.get("model.safetensors_sha256")
+    bound = binding("--privacy-audit", p, audited, weights_sha256, allow_unbound)
     emp = rep["empirical_epsilon"]
     conf = emp.get("confidence") if isinstance(emp, dict) else None
     attacks = rep.get("attacks")
@@ -176,7 +190,7 @@ def privacy_audit_summary(path: str | Path, claimed: float | None,
         "verdict": rep.get("verdict") if isinstance(rep.get("verdict"), str) else None,
         "attacks": [_attack(a) for a in attacks if isinstance(a, dict)],
         "canaries": _canaries(rep.get("canaries")),
-        "inputs": _scalars(rep.get("inputs")),
+        "inputs": _scalars(rep.get("inputs")), **bound,
     })
 
 

@@ -16,6 +16,7 @@ from safelm.errors import UserError
 from safelm.hashing import file_sha256
 
 from . import manifest as mf
+from . import signing
 from .policy import Policy
 
 REL_TOL = 1e-3  # a claim may sit this far (relative) below a recomputation by another version
@@ -31,9 +32,13 @@ class Gate:
         return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
 
 
-def verify_release(release: str | Path, policy: Policy | None = None) -> list[Gate]:
-    """Every gate's verdict for the release dir ``release`` under ``policy``."""
+def verify_release(release: str | Path, policy: Policy | None = None,
+                   allowed_signers: str | Path | None = None, identity: str | None = None
+                   ) -> list[Gate]:
+    """Every gate's verdict for the release dir ``release`` under ``policy``; the
+    ``signature`` gate checks ``release.sha256.sig`` against ``allowed_signers``."""
     d, policy = Path(release), policy or Policy()
+    allowed = signing.read_allowed_signers(allowed_signers) if allowed_signers else None
     if not d.is_dir():
         raise UserError(f"{d}: no such release dir; pass the --out of 'safelm release'")
     if not (d / mf.RELEASE_JSON).exists() and not (d / mf.SUMS).exists():
@@ -45,6 +50,7 @@ def verify_release(release: str | Path, policy: Policy | None = None) -> list[Ga
         f" (+{len(problems) - 6} more)" if len(problems) > 6 else "") if problems else
         f"{len(m['files']) + 2} files, every sha256 matches; release digest "
         f"{file_sha256(d / mf.SUMS)}")]
+    gates += _signature_gate(d, m, policy, allowed, identity)
     schema = mf.check_schema(m, d)
     gates.append(Gate("schema", not schema, "; ".join(schema[:6]) if schema else
                       f"{mf.KIND} schema {mf.SCHEMA_VERSION}, privacy claim matches "
@@ -60,6 +66,24 @@ def verify_release(release: str | Path, policy: Policy | None = None) -> list[Ga
             ok, detail = False, f"malformed value in release.json ({type(e).__name__}: {e})"
         gates.append(Gate(name, ok, detail))
     return gates
+
+
+def _signature_gate(d: Path, m: dict[str, Any] | None, policy: Policy, allowed: Path | None,
+                    identity: str | None) -> list[Gate]:
+    """Gate ``signature``: evaluated when --allowed-signers is given, the policy requires a
+    signature, or the release carries or declares one (an unsigned release without either
+    has no such gate, so it verifies as before)."""
+    integrity = m.get("integrity") if isinstance(m, dict) else None
+    declared = integrity.get("signature") if isinstance(integrity, dict) else None
+    declared = declared if isinstance(declared, dict) else None
+    present = (d / signing.SIG).exists()
+    if allowed is None and not (policy.require_signature or present or declared):
+        return []
+    if allowed is None and policy.require_signature:
+        return [Gate("signature", False, "the policy requires a signature checked against "
+                                         "trusted keys: pass --allowed-signers FILE")]
+    c = signing.verify_signature(d, allowed, identity, declared)
+    return [Gate("signature", c.ok, c.detail)]
 
 
 def _claim(m: dict[str, Any]) -> float | None:
@@ -99,6 +123,8 @@ def policy_gates(pol: Policy, m: dict[str, Any]
     if pol.require_fairness_audit:
         gates.append(("require_fairness_audit", lambda: (fair is not None, "attached" if fair
                       else "no fairness audit attached (release with --fairness-report)")))
+    if pol.require_bound_audits and (emp is not None or fair is not None):
+        gates.append(("audits_bound", lambda: _bound_gate(m)))
     for key, field, better in (("max_flagged_disparities", "n_flagged", "le"),
                                ("max_abs_difference", "max_abs_difference", "le"),
                                ("min_ratio", "min_ratio", "ge")):
@@ -106,6 +132,31 @@ def policy_gates(pol: Policy, m: dict[str, Any]
         if limit is not None:
             gates.append((key, lambda f=field, lim=limit, b=better: _fair_gate(fair, f, lim, b)))
     return gates
+
+
+def _bound_gate(m: dict[str, Any]) -> tuple[bool, str]:
+    """Each attached audit's model_sha256 must be the released model.safetensors' (whose
+    hash the integrity gate checked against the file itself)."""
+    weights = m["files"].get("model.safetensors")
+    bad, good = [], []
+    for what, rep in (("fairness audit", m["fairness_audit"]),
+                      ("empirical privacy audit", m["empirical_privacy_audit"])):
+        if rep is None:
+            continue
+        inputs = rep.get("inputs") if isinstance(rep.get("inputs"), dict) else {}
+        # Releases made before summaries had model_sha256 kept the report's inputs.
+        h = rep.get("model_sha256") or inputs.get("model_sha256") or \
+            inputs.get("model.safetensors_sha256")
+        if h is not None and h == weights:
+            good.append(what)
+        else:
+            bad.append(f"the {what} evaluated "
+                       + (f"other weights (sha256 {str(h)[:12]}...)" if h else
+                          "unrecorded weights (no model_sha256)"))
+    if bad:
+        return False, ("; ".join(bad) + " (attached with --allow-unbound-report; set "
+                       "require_bound_audits = false to accept that)")
+    return True, f"{' and '.join(good)} evaluated the released weights ({str(weights)[:12]}...)"
 
 
 def _recompute_gate(priv: dict[str, Any], eps: float) -> tuple[bool, str]:
