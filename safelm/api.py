@@ -249,12 +249,14 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
     return table
 
 
-def model_sha256(run: Run) -> str:
+def model_sha256(run: Run) -> str | None:
     """sha256 of the run's ``model.safetensors``: the identity every audit report records.
 
     ``load_run`` already refused weights that differ from the dir's listing, so this is the
-    hash of the weights the loaded model holds."""
-    return file_sha256(run.path / rundir.WEIGHTS)
+    hash of the weights the loaded model holds. A Run assembled in memory (no weights file:
+    a federated client scoring its model between rounds) has none: None, an unbound table."""
+    path = run.path / rundir.WEIGHTS
+    return file_sha256(path) if path.is_file() else None
 
 
 def write_csv(table: pd.DataFrame, out: str | Path) -> None:
