@@ -129,7 +129,7 @@ def noise_source(cfg: Any) -> str:
     return "seeded" if cfg.privacy.reproducible else "os_entropy"
 
 
-def seed_server_rngs(cfg: Any) -> int:
+def seed_server_rngs(cfg: Any, private: bool = True) -> int:
     """Seed the server's randomness; return the seed of the strategy's client sampling.
 
     Client-level DP rests on two secrets of the server: Flower's Gaussian noise (drawn from
@@ -138,9 +138,10 @@ def seed_server_rngs(cfg: Any) -> int:
     unless ``privacy.reproducible=true``, which seeds them from ``train.seed`` (then anyone with
     the run-config can replay them; the ledger says ``noise_source: "seeded"``). Their states
     are saved in ``fl_state.json`` / ``fl_strategy.safetensors`` for resume: files as
-    sensitive as the data, never part of a release.
+    sensitive as the data, never part of a release. A run without any DP (``private``
+    false) protects nothing with them and keeps them seeded, so it replays exactly.
     """
-    if cfg.privacy.reproducible:
+    if cfg.privacy.reproducible or not private:
         random.seed(cfg.train.seed)  # Flower's node sampling
         np.random.seed(cfg.train.seed)  # Flower's DP noise
         return int(cfg.train.seed)
@@ -352,7 +353,8 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     setup = {"data_s": time.perf_counter() - t0}
     nodes = wait_for_nodes(grid, fed.min_nodes, fed.round_timeout)
     setup["wait_nodes_s"] = time.perf_counter() - t0 - sum(setup.values())
-    strategy, ledger, extra = build_strategy(fed, len(nodes), seed_server_rngs(cfg))
+    strategy, ledger, extra = build_strategy(
+        fed, len(nodes), seed_server_rngs(cfg, fed.dp != "none" or cfg.privacy.enabled))
     if ledger is not None:
         ledger.noise_source = noise_source(cfg)
     if cfg.privacy.enabled:

@@ -59,6 +59,15 @@ def test_reproducible_opt_out_is_bit_identical_and_recorded(cls_csv, tmp_path):
     assert same(tmp_path / "a", tmp_path / "b")
     ledger = json.loads((tmp_path / "a/privacy.json").read_text())
     assert ledger["noise_source"] == "seeded"
+    # the release says so in plain words, and the gate fails it
+    from audits.release.build import release
+    from audits.release.policy import Policy
+    from audits.release.verify import verify_release
+    release(tmp_path / "a", tmp_path / "rel")
+    assert "SEEDED from train.seed" in (tmp_path / "rel/MODEL_CARD.md").read_text()
+    gates = {g.name: g.ok for g in verify_release(tmp_path / "rel",
+                                                  Policy(require_secret_noise=True))}
+    assert gates["require_secret_noise"] is False
 
 
 def test_poisson_draws_are_secret_unless_reproducible():
@@ -86,6 +95,12 @@ def test_secret_seed_is_written_to_resume_only_and_never_released(cls_csv, tmp_p
     seed = int(state["seed"])
     assert state["source"] == "os_entropy" and seed.bit_length() > 40
     release(run, tmp_path / "rel")
+    from audits.release.policy import Policy
+    from audits.release.verify import verify_release
+    gates = {g.name: g.ok for g in verify_release(tmp_path / "rel",
+                                                  Policy(require_secret_noise=True))}
+    assert gates["require_secret_noise"] is True and all(gates.values()), gates
+    assert "operating system's entropy" in (tmp_path / "rel/MODEL_CARD.md").read_text()
     needles = [str(seed).encode(), seed.to_bytes(8, "little"), hex(seed).encode()]
     for root in (run, tmp_path / "rel"):
         for f in _files_outside_resume(root):
@@ -162,6 +177,8 @@ def test_federated_server_randomness_is_secret_unless_reproducible():
         seed = seed_server_rngs(c)
         draws.append((seed, float(np.random.normal())))
     assert draws[0] == draws[1] and noise_source(c) == "seeded"
+    c.privacy.reproducible = False  # a run without DP stays seeded: nothing to protect
+    assert seed_server_rngs(c, private=False) == seed_server_rngs(c, private=False)
 
 
 def test_federated_client_dp_engine_ignores_the_published_client_seed():
@@ -205,3 +222,32 @@ def test_target_epsilon_reached_early_stops_and_resume_trains_no_further(cls_csv
     again = json.loads((run / "privacy.json").read_text())
     assert again["steps"] == ledger["steps"] and again["epsilon"] == ledger["epsilon"]
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_demo_verdicts_fail_on_a_failed_gate_or_audit(tmp_path, capsys, monkeypatch):
+    """The demo's exit code reads every verdict: a failed privacy audit or release gate
+    makes ``safelm demo`` exit 1 naming it; all passing (the null case) exits 0."""
+    from safelm import cli, demo
+    audit = tmp_path / "report.json"
+    audit.write_text(json.dumps({"passed": True}))
+    ok = {"privacy_audit": str(audit), "release_ok": True,
+          "release_gates": ["PASS integrity: fine", "PASS require_secret_noise: os entropy"]}
+    assert all(v[1] for v in demo.demo_verdicts(ok)) and len(demo.demo_verdicts(ok)) == 2
+    bad = dict(ok, release_ok=False, release_gates=["PASS integrity: fine",
+                                                    "FAIL require_secret_noise: seeded"])
+    (name, passed, detail), = [v for v in demo.demo_verdicts(bad) if not v[1]]
+    assert name == "release verify" and "require_secret_noise" in detail
+    audit.write_text(json.dumps({"passed": False}))
+    assert [v[0] for v in demo.demo_verdicts(ok) if not v[1]] == ["privacy audit"]
+    for failed, rc in (([], 0), (["privacy audit: x"], 1)):
+        monkeypatch.setattr(demo, "run_demo", lambda out, quick=False, f=failed: {"failed": f})
+        assert cli.main(["demo", "--out", str(tmp_path / "d")]) == rc
+    assert "demo: FAILED privacy audit: x" in capsys.readouterr().err
+
+
+def test_require_secret_noise_gate():
+    from audits.release.verify import _secret_noise_gate
+    assert _secret_noise_gate({"enabled": True, "noise_source": "os_entropy"})[0]
+    assert not _secret_noise_gate({"enabled": True, "noise_source": "seeded"})[0]
+    assert not _secret_noise_gate({"enabled": True})[0]  # unrecorded: an older ledger
+    assert not _secret_noise_gate({"enabled": False})[0]
