@@ -32,6 +32,7 @@ class ClientLedger:
     max_grad_norm: float
     target_epsilon: float | None = None
     history: list[list[float]] = field(default_factory=list)
+    noise_source: str = "os_entropy"  # or "seeded" (privacy.reproducible=true)
 
     def step(self) -> None:
         z, q = self.noise_multiplier, self.sample_rate
@@ -57,6 +58,7 @@ class ClientLedger:
                 "unit": "client", "sampling": "poisson", "max_grad_norm": self.max_grad_norm,
                 "history": self.history, "target_epsilon": self.target_epsilon,
                 "mechanism": f"DP-FedAvg, Flower {self.clipping} clipping",
+                "noise_source": self.noise_source,
                 "clipping_norm_now": clipping_norm_now,
                 "covers": "the global model only; federated evaluation metrics and group "
                           "counts are not privatized (fraction-evaluate=0 releases none)"}
@@ -72,6 +74,7 @@ class SampleLedger:
     max_grad_norm: float
     target_epsilon: float | None = None
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    noise_source: str = "os_entropy"  # or "seeded" (privacy.reproducible=true on every client)
 
     def update(self, partition_id: int, state: dict[str, Any]) -> None:
         """Keep a client's newest accountant state (the one with the most steps)."""
@@ -98,6 +101,7 @@ class SampleLedger:
                 "unit": self.unit, "sampling": "poisson", "max_grad_norm": self.max_grad_norm,
                 "history": worst[1]["history"], "target_epsilon": self.target_epsilon,
                 "mechanism": "DP-SGD on each client (safelm.privacy), composed over its rounds",
+                "noise_source": self.noise_source,
                 "epsilon_is": "the maximum over clients; history is that client's",
                 "worst_client": worst[0],
                 "clients": {k: {"epsilon": v.get("epsilon"), "history": v["history"]}

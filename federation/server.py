@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -122,6 +123,31 @@ class RunStore:
         random.setstate((v, tuple(ints), gauss))
         name, keys, *rest = state["np_random"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def noise_source(cfg: Any) -> str:
+    return "seeded" if cfg.privacy.reproducible else "os_entropy"
+
+
+def seed_server_rngs(cfg: Any, private: bool = True) -> int:
+    """Seed the server's randomness; return the seed of the strategy's client sampling.
+
+    Client-level DP rests on two secrets of the server: Flower's Gaussian noise (drawn from
+    numpy's global generator by its DP wrappers) and the Poisson choice of clients (the
+    amplification by subsampling in the ledger). Both come from the operating system's entropy
+    unless ``privacy.reproducible=true``, which seeds them from ``train.seed`` (then anyone with
+    the run-config can replay them; the ledger says ``noise_source: "seeded"``). Their states
+    are saved in ``fl_state.json`` / ``fl_strategy.safetensors`` for resume: files as
+    sensitive as the data, never part of a release. A run without any DP (``private``
+    false) protects nothing with them and keeps them seeded, so it replays exactly.
+    """
+    if cfg.privacy.reproducible or not private:
+        random.seed(cfg.train.seed)  # Flower's node sampling
+        np.random.seed(cfg.train.seed)  # Flower's DP noise
+        return int(cfg.train.seed)
+    random.seed()  # os.urandom
+    np.random.seed()  # the OS's entropy
+    return secrets.randbits(63)
 
 
 def _client_rows(replies: list[Message]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -327,12 +353,14 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     setup = {"data_s": time.perf_counter() - t0}
     nodes = wait_for_nodes(grid, fed.min_nodes, fed.round_timeout)
     setup["wait_nodes_s"] = time.perf_counter() - t0 - sum(setup.values())
-    random.seed(cfg.train.seed)  # Flower's node sampling
-    np.random.seed(cfg.train.seed)  # Flower's DP noise
-    strategy, ledger, extra = build_strategy(fed, len(nodes), cfg.train.seed)
+    strategy, ledger, extra = build_strategy(
+        fed, len(nodes), seed_server_rngs(cfg, fed.dp != "none" or cfg.privacy.enabled))
+    if ledger is not None:
+        ledger.noise_source = noise_source(cfg)
     if cfg.privacy.enabled:
         p = cfg.privacy
-        ledger = SampleLedger(p.delta, p.accountant, p.unit, p.max_grad_norm, p.target_epsilon)
+        ledger = SampleLedger(p.delta, p.accountant, p.unit, p.max_grad_norm, p.target_epsilon,
+                              noise_source=noise_source(cfg))
     if state is not None:
         RunStore.restore_rngs(state)
         load_state(strategy, state["strategy"], store.strategy_arrays())

@@ -119,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             setattr(cfg.data, key, value)
         cfg.validate()
     final = train_run(args.data, cfg, args.out, resume=args.resume)
+    if final.get("stopped"):
+        print(f"note: {final['stopped']}", file=sys.stderr)
     print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v
                       for k, v in final.items()}))
     print(f"run dir: {args.out}")
@@ -161,7 +163,11 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(Path(args.out), quick=args.quick)
+    result = run_demo(Path(args.out), quick=args.quick)
+    if result["failed"]:
+        for line in result["failed"]:
+            print(f"demo: FAILED {line}", file=sys.stderr)
+        return 1
     return 0
 
 

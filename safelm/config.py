@@ -87,6 +87,10 @@ class PrivacyConfig:
     grad_sample_mode: str = "auto"  # auto | bk | hooks | functorch | ew
     max_physical_batch_size: int = 0  # 0: whole logical batches; else split (same accounting)
     max_examples_per_user: int = 8  # unit=user: rows taken from each sampled user per step
+    # DP noise and Poisson sampling draw from a secret seed taken from the OS (never written
+    # outside resume/); true brings back noise seeded from train.seed, for tests and debugging
+    # only: anyone with the config can then replay the noise (privacy.json says "seeded").
+    reproducible: bool = False
     # Privacy audit (safelm/canaries.py): random secrets inserted into an LM's training split,
     # each ``canary_repeats`` times, so `safelm audit privacy` can measure their exposure.
     # Works with and without DP; 0 inserts nothing.

@@ -9,14 +9,18 @@
    non-private one, then writes both predictions tables for the test split;
 5. (full demo) retrains it with reweighing (``train.reweight=groups_labels``), the in-training
    fairness mitigation, and prints the predicted-positive gap before and after;
-6. runs the demo steps of installed plugins (the audits).
+6. runs the demo steps of installed plugins (the audits), then collects their verdicts: the
+   demo fails (``safelm demo`` exits 1, naming each failure) when any audit verdict or any
+   release gate fails, so a green demo means every check it ran passed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -85,7 +89,27 @@ def _reweighted(out: Path, sentiment: Path, before: pd.DataFrame) -> Path:
     return path
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
+def demo_verdicts(ctx: dict) -> list[tuple[str, bool, str]]:
+    """(name, passed, detail) of every verdict the demo's steps produced.
+
+    Read from what the plugins' demo steps leave in ``ctx``, without importing them (safelm
+    never imports audits): ``verdicts`` (a list of such triples any step may append to), the
+    privacy audit's ``report.json`` (its ``passed``) and the release's verify gates
+    (``release_ok`` with the gate lines)."""
+    out = [tuple(v) for v in ctx.get("verdicts", [])]
+    report = ctx.get("privacy_audit")
+    if report and Path(report).is_file():
+        rep = json.loads(Path(report).read_text(encoding="utf-8"))
+        if "passed" in rep:
+            out.append(("privacy audit", bool(rep["passed"]), str(report)))
+    if "release_ok" in ctx:
+        failed = [g for g in ctx.get("release_gates", []) if str(g).startswith("FAIL")]
+        out.append(("release verify", bool(ctx["release_ok"]),
+                    "; ".join(failed) or "every gate passed"))
+    return out  # type: ignore[return-value]
+
+
+def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -157,6 +181,9 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, float]:
     for plugin in load_plugins():
         if hasattr(plugin, "demo_step"):
             plugin.demo_step(ctx)
-    print(f"done in {time.perf_counter() - t0:.0f} s")
+    verdicts = demo_verdicts(ctx)
+    failed = [f"{name}: {detail}" for name, ok, detail in verdicts if not ok]
+    print(f"done in {time.perf_counter() - t0:.0f} s; {len(verdicts) - len(failed)} of "
+          f"{len(verdicts)} verdicts passed")
     return {"lm_val_perplexity": final["val_perplexity"],
-            "classifier_test_accuracy": final_c["test_accuracy"]}
+            "classifier_test_accuracy": final_c["test_accuracy"], "failed": failed}

@@ -63,6 +63,10 @@ class Privacy(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def rng_state(self) -> dict[str, Any]: ...  # secret: written to resume/ only
+
+    def load_rng_state(self, state: dict[str, Any]) -> None: ...
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -310,6 +314,8 @@ class Trainer:
                    "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.privacy is not None:  # the secret noise seed: resume/ only, never released
+            tensors["privacy_rng"] = self.privacy.rng_state()
         return tensors
 
     def checkpoint(self) -> None:
@@ -340,6 +346,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(tensors["rng_cuda"])
         if self.privacy is not None and "privacy" in state:
             self.privacy.load_state_dict(state["privacy"])
+        if self.privacy is not None and "privacy_rng" in tensors:
+            self.privacy.load_rng_state(tensors["privacy_rng"])
         self.global_step = state["global_step"]
         if not write:
             return state["epoch"], state["step_in_epoch"]

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_two_gloo_processes_match_one_process(tmp_path, cls_csv):
     sets = TINY + ["model.dropout=0.0", "train.epochs=2", "train.task=classify",
-                   "privacy.enabled=true", "privacy.noise_multiplier=0.7", "privacy.delta=1e-3"]
+                   "privacy.enabled=true", "privacy.noise_multiplier=0.7", "privacy.delta=1e-3",
+                   "privacy.reproducible=true"]  # one secret on both ranks; comparable noise
     args = ["train", "--data", str(cls_csv)]
     for s in sets:
         args += ["--set", s]

@@ -54,7 +54,7 @@ def _trainer(arch: str, physical: int, n: int = 40, batch_size: int = 8, noise: 
     tcfg = Config.load(None, ["train.task=classify", f"train.epochs={epochs}",
                               f"train.batch_size={batch_size}", "train.progress=off"]).train
     pcfg = PrivacyConfig(enabled=True, noise_multiplier=noise, max_grad_norm=clip, delta=1e-3,
-                         max_physical_batch_size=physical,
+                         max_physical_batch_size=physical, reproducible=True,
                          unit="user" if users is not None else "example")
     n_units = len(users) if users is not None else n
     dp = DifferentialPrivacy(pcfg, n_units=n_units, batch_size=batch_size, epochs=epochs,

@@ -45,6 +45,7 @@ def privacy_section(ledger: dict[str, Any] | None) -> dict[str, Any]:
                 "noise_multiplier": ledger.get("noise_multiplier"),
                 "sample_rate": ledger.get("sample_rate"), "steps": ledger.get("steps"),
                 "dataset_size": ledger.get("dataset_size"),
+                "noise_source": ledger.get("noise_source"),
                 "mechanism": ledger.get("mechanism", "DP-SGD (Opacus style), Poisson sampling"),
                 "statement": statement(ledger)})
     return out

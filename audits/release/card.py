@@ -132,8 +132,26 @@ def _privacy(p: dict[str, Any]) -> list[Block]:
         f"{_f(p['delta'])}, unit: {p['unit']}, accountant: {p['accountant']}, "
         f"sampling: {p['sampling']}, max_grad_norm {_f(p['max_grad_norm'])}",
         f"recomputed from the history with a fresh accountant: "
-        f"{_f(p['recomputed_epsilon'])}"]),
+        f"{_f(p['recomputed_epsilon'])}", noise_sentence(p.get("noise_source"))]),
         ("table", ["noise multiplier", "sample rate", "steps"], hist)]
+
+
+NOISE_WORDS = {
+    "os_entropy": "Noise and batch sampling: drawn from a secret seed taken from the operating "
+                  "system's entropy at training time and never published, as the guarantee "
+                  "assumes. Caveat: the Gaussian noise is sampled in floating point by "
+                  "torch's generator (not a cryptographic one); Mironov (2012) shows such "
+                  "samplers can leak through their least significant bits, and the "
+                  "safeguard against it (Opacus' secure_mode) was not used.",
+    "seeded": "Noise and batch sampling: SEEDED from train.seed (privacy.reproducible=true). "
+              "Anyone who has the configuration can replay the noise, so the stated epsilon "
+              "does not protect against them. Do not rely on this guarantee.",
+}
+
+
+def noise_sentence(source: str | None) -> str:
+    return NOISE_WORDS.get(source or "", "Noise source: not recorded (an older SafeLM); the "
+                                         "noise may have been seeded from a published seed.")
 
 
 def _empirical(e: dict[str, Any] | None, priv: dict[str, Any]) -> list[Block]:

@@ -18,7 +18,8 @@ from ..common import atomic_write_text
 from ..reporting import esc, page
 
 # The demo trains the DP classifier to a target epsilon of 8, a budget it never exceeds.
-DEMO_POLICY = "require_dp = true\nmax_epsilon = 8.0\nempirical_le_claimed = true\n"
+DEMO_POLICY = ("require_dp = true\nmax_epsilon = 8.0\nempirical_le_claimed = true\n"
+               "require_secret_noise = true\n")
 
 
 def _release_dp_classifier(ctx: dict[str, Any], rel: Path) -> dict[str, Any]:

@@ -19,6 +19,9 @@ Keys (all optional; a file may also put them under a ``[policy]`` table)::
                                     # verify's --allowed-signers FILE          (default false)
     require_bound_audits = true     # every attached audit evaluated the
                                     # released weights (its model_sha256)      (default true)
+    require_secret_noise = true     # DP noise and sampling drew from the OS's
+                                    # entropy, not a written seed (privacy.json
+                                    # noise_source "os_entropy")               (default false)
 
 Without a policy file ``verify`` checks integrity, the schema, the recomputed epsilon and,
 when an empirical audit is attached, that its bound does not exceed the claim. A limit on
@@ -53,6 +56,7 @@ class Policy:
     min_ratio: float | None = None
     require_signature: bool = False
     require_bound_audits: bool = True
+    require_secret_noise: bool = False
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Policy)}

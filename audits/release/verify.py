@@ -111,6 +111,8 @@ def policy_gates(pol: Policy, m: dict[str, Any]
         delta = priv.get("delta")
         gates.append(("max_delta", lambda: (eps is not None and delta <= pol.max_delta,
                       f"delta {delta} vs max {pol.max_delta:g}")))
+    if pol.require_secret_noise:
+        gates.append(("require_secret_noise", lambda: _secret_noise_gate(priv)))
     if pol.recompute_epsilon and eps is not None:
         gates.append(("epsilon_recomputes", lambda: _recompute_gate(priv, eps)))
     if pol.require_empirical_audit:
@@ -132,6 +134,20 @@ def policy_gates(pol: Policy, m: dict[str, Any]
         if limit is not None:
             gates.append((key, lambda f=field, lim=limit, b=better: _fair_gate(fair, f, lim, b)))
     return gates
+
+
+def _secret_noise_gate(priv: dict[str, Any]) -> tuple[bool, str]:
+    """The guarantee assumes noise nobody can replay: a seeded run (privacy.reproducible)
+    or a ledger that does not say where its noise came from fails."""
+    if not priv.get("enabled"):
+        return False, "not trained with DP: there is no noise to keep secret"
+    source = priv.get("noise_source")
+    if source == "os_entropy":
+        return True, "noise and sampling drew from the operating system's entropy"
+    if source == "seeded":
+        return False, ("noise seeded from train.seed (privacy.reproducible=true): anyone with "
+                       "the config can replay it; retrain without privacy.reproducible")
+    return False, "the ledger does not record its noise source (trained by an older SafeLM)"
 
 
 def _bound_gate(m: dict[str, Any]) -> tuple[bool, str]:

@@ -9,8 +9,15 @@ training loop itself does not change. What this module adds to Opacus:
   accountant's epsilon past the target (the Trainer stops with a message);
 * a ledger (``privacy.json``) with the accountant's history, enough to recompute epsilon with
   any accountant, and a state that resumes the same ledger;
-* Poisson sampling whose draws depend only on ``(seed, epoch)``, so a resumed run samples the
-  same batches, and which yields correctly shaped empty batches (accounted like any other step);
+* secret randomness: the Gaussian noise and the Poisson draws come from a seed taken from the
+  operating system's entropy (``secrets``), independent of ``train.seed`` and never written
+  outside ``resume/`` (which is as sensitive as the data and never released). The DP guarantee
+  assumes the noise is unknown to the adversary; a seed printed in ``config.json`` would let
+  anyone replay training with and without a target record. ``privacy.reproducible=true`` opts
+  back into noise seeded from ``train.seed`` (recorded as ``noise_source: "seeded"``);
+* Poisson sampling whose draws depend only on ``(secret seed, epoch)``, so a resumed run samples
+  the same batches, and which yields correctly shaped empty batches (accounted like any other
+  step);
 * ``privacy.max_physical_batch_size``: logical batches split into physical ones through
   Opacus' virtual-step machinery (:class:`PhysicalBatchSampler`); the accountant counts
   logical steps only;
@@ -21,6 +28,7 @@ training loop itself does not change. What this module adds to Opacus:
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from typing import Any
 
@@ -42,7 +50,7 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from ..config import PrivacyConfig
 from ..distributed import current
 from ..errors import UserError
-from . import bk
+from . import bk, seeds
 from .memory import keep_freed_memory
 from .users import UserBatchSampler, WithPadding, collate_with_padding
 
@@ -55,7 +63,7 @@ warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 class PoissonBatchSampler(UniformWithReplacementSampler):
     """Poisson sampling (each unit independently with probability ``sample_rate``) whose
-    draws for epoch ``e`` come from a generator seeded by ``(seed, e)``, so a run resumed at
+    draws for epoch ``e`` come from a generator seeded by ``(secret seed, e)``, so a run resumed at
     batch ``start`` of an epoch continues with exactly the batches it would have drawn."""
 
     def __init__(self, *, num_samples: int, sample_rate: float, steps: int, seed: int,
@@ -68,7 +76,7 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * self.epoch + 1)
+        g = torch.Generator().manual_seed(seeds.derive(self.seed, seeds.POISSON, self.epoch))
         for b in range(self.steps):
             mask = torch.rand(self.num_samples, generator=g) < self.sample_rate
             if b >= self.start:
@@ -141,7 +149,12 @@ class DifferentialPrivacy:
                  max_steps: int = 0, seed: int = 0, users: list[list[int]] | None = None,
                  rows_per_unit: int = 1, steps_planned: int | None = None):
         validate(cfg, n_units)
-        self.cfg, self.n_units, self.seed, self.users = cfg, n_units, seed, users
+        self.cfg, self.n_units, self.users = cfg, n_units, users
+        # ``seed`` (train.seed) is used only with privacy.reproducible=true
+        self.seed = seed if cfg.reproducible else secrets.randbits(63)
+        self.noise_source = "seeded" if cfg.reproducible else "os_entropy"
+        self.generator: torch.Generator | None = None  # the noise generator (make_private)
+        self._sampler: Any = None  # the Poisson (user) sampler, reseeded on resume
         self.rows_per_unit = rows_per_unit if users is not None else 1
         per_step = batch_size / self.rows_per_unit
         self.sample_rate = min(1.0, max(1.0, per_step) / n_units)
@@ -178,10 +191,14 @@ class DifferentialPrivacy:
                 raise UserError("DP under torchrun supports unit=example with "
                                 "grad_sample_mode=auto/bk (the Transformer)")
             module = DPDDP(module)  # broadcast rank 0's initial weights
+            self.seed = _shared_seed(self.seed)  # one global Poisson draw: one secret, no disk
+        device = next(module.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(
+            seeds.derive(self.seed, seeds.NOISE))
         common = dict(noise_multiplier=self.noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm,
                       expected_batch_size=max(1, round(self.expected_batch_size / ddp.world)),
-                      loss_reduction="mean")
+                      loss_reduction="mean", generator=self.generator)
         if self.mode == "bk":
             wrapped = bk.BKGradSampleModule(module, self.cfg.max_grad_norm,
                                             rows_per_unit=rows if self.users is not None else None)
@@ -208,6 +225,7 @@ class DifferentialPrivacy:
             sampler = PoissonBatchSampler(num_samples=self.n_units, sample_rate=self.sample_rate,
                                           steps=steps, seed=self.seed, rank=ddp.rank,
                                           world=ddp.world)
+        self._sampler = sampler
         physical = self.cfg.max_physical_batch_size
         if physical:
             if physical < rows:
@@ -274,6 +292,7 @@ class DifferentialPrivacy:
             "dataset_size": self.n_units, "expected_batch_size": self.expected_batch_size,
             "rows_per_unit": self.rows_per_unit,
             "grad_sample_mode": self.mode, "opacus_version": opacus.__version__,
+            "noise_source": self.noise_source,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -284,6 +303,33 @@ class DifferentialPrivacy:
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
         self.noise_multiplier = float(state["noise_multiplier"])
         self.sample_rate = float(state["sample_rate"])
+
+    # The secret part of the state: kept apart from ``state_dict`` (the accountant), which
+    # federated clients report to the server and which is written beside the weights.
+    def rng_state(self) -> dict[str, Any]:
+        """The secret seed and the noise generator's state, for ``resume/`` only."""
+        out: dict[str, Any] = {"seed": torch.tensor(self.seed, dtype=torch.int64),
+                               "source": self.noise_source}
+        if self.generator is not None:
+            out["noise"] = self.generator.get_state()
+        return out
+
+    def load_rng_state(self, state: dict[str, Any]) -> None:
+        """Continue the noise and Poisson draws of the run that wrote ``state``."""
+        self.seed = int(state["seed"])
+        if self._sampler is not None:
+            self._sampler.seed = self.seed
+        if self.generator is not None and "noise" in state:
+            self.generator.set_state(state["noise"])
+
+
+def _shared_seed(seed: int) -> int:
+    """Rank 0's secret seed on every rank, through the process group (never through disk)."""
+    import torch.distributed as dist
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def validate(cfg: PrivacyConfig, n_units: int) -> None:

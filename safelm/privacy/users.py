@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from . import seeds
+
 PAD_LABEL = -100  # ignored by the loss
 
 
 class UserBatchSampler(Sampler[list[int]]):
     """Poisson over users; yields ``rows_per_user`` dataset indices per sampled user, with the
-    padding index ``pad_index`` filling short users. Draws depend on ``(seed, epoch)`` only."""
+    padding index ``pad_index`` filling short users. Draws depend on ``(secret seed, epoch)`` only."""
 
     def __init__(self, users: list[list[int]], *, sample_rate: float, steps: int, seed: int,
                  rows_per_user: int):
@@ -37,7 +39,7 @@ class UserBatchSampler(Sampler[list[int]]):
         return self.steps
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * self.epoch + 2)
+        g = torch.Generator().manual_seed(seeds.derive(self.seed, seeds.USERS, self.epoch))
         for b in range(self.steps):
             chosen = (torch.rand(len(self.users), generator=g) < self.sample_rate).nonzero()
             batch: list[int] = []
