@@ -102,14 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_resume_options(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """``--resume`` with the run's original options is fine (the habit of re-running the same
+    command); an option that differs from the run's ``config.json`` is refused, naming the key
+    and both values, since a resumed run continues with its own config."""
+    import tomllib
+
+    from .config import Config
+    from .rundir import read_config
+    saved, given = read_config(args.out), Config.load(args.config, args.set)
+    keys: list[tuple[str, str]] = []
+    if args.config:
+        text = Path(args.config).read_text(encoding="utf-8")
+        tree = json.loads(text) if args.config.endswith(".json") else tomllib.loads(text)
+        keys += [(sec, k) for sec, body in tree.items() if isinstance(body, dict) for k in body]
+    keys += [tuple(item.split("=", 1)[0].strip().split(".", 1)) for item in args.set or []]
+    if args.task:
+        given.train.task = args.task
+        keys.append(("train", "task"))
+    for key, value in overrides.items():
+        setattr(given.data, key, value)
+        keys.append(("data", key))
+    for sec, key in keys:
+        old, new = getattr(getattr(saved, sec), key), getattr(getattr(given, sec), key)
+        if old != new:
+            raise UserError(f"--resume: {sec}.{key} is {old!r} in {args.out}/config.json but "
+                            f"{new!r} on this command line; a resumed run keeps its config: "
+                            "drop the option, or train a new run with another --out")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train_run
     from .config import Config
     overrides = _data_overrides(args)
     if args.resume:
         if args.config or args.set or overrides or args.task:
-            raise UserError("--resume continues with the run dir's own config.json; drop "
-                            "--config, --set, --task and column options")
+            _check_resume_options(args, overrides)
         cfg = None
     else:
         cfg = Config.load(args.config, args.set)

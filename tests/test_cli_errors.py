@@ -264,3 +264,20 @@ def test_subprocess_errors(tmp_path, case):
 def test_subprocess_help(tmp_path):
     rc, out, err = run_proc(tmp_path, "train", "--help")
     assert rc == 0 and out.startswith("usage: safelm train") and "Traceback" not in err
+
+
+def test_resume_accepts_the_original_command_line_and_names_a_conflict(tmp_path, capsys):
+    """Re-running the same command with --resume works; an option that differs from the run's
+    config.json exits 2 naming the key and both values, and leaves the run dir as it was."""
+    data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
+    cmd = ["train", "--data", data, "--out", out, "--task", "classify", *TINY]
+    rc, _, err = run(capsys, *cmd)
+    assert rc == 0, err
+    rc, _, err = run(capsys, *cmd, "--resume")  # the same command again
+    assert rc == 0, err
+    before = tree(out)
+    rc, _, err = run(capsys, *cmd, "--set", "train.lr=0.5", "--resume")
+    assert_user_error(rc, err, "train.lr", "0.5", "config.json", "--resume")
+    rc, _, err = run(capsys, *cmd[:-len(TINY)], "--task", "lm", "--resume")
+    assert_user_error(rc, err, "train.task", "'classify'", "'lm'")
+    assert tree(out) == before
