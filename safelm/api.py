@@ -21,7 +21,7 @@ from .canaries import CANARIES_FILE, insert_canaries
 from .config import Config
 from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
 from .distributed import init_from_env
-from .errors import UserError
+from .errors import MissingColumn, UserError
 from .hashing import file_sha256, predictions_meta, replace_with_meta, write_meta_tmp
 from .model import build_model
 from .reweighting import row_weights
@@ -207,8 +207,8 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
     has_labels = task == "classify"
     try:
         rows = load_rows(data_path, cfg.data, task)
-    except UserError as e:
-        if task != "classify" or "no column" not in str(e) or repr(cfg.data.label_col) not in str(e):
+    except MissingColumn as e:
+        if task != "classify" or e.column != cfg.data.label_col:
             raise
         has_labels = False  # unlabelled rows: predict without y_true / nll
         rows = load_rows(data_path, cfg.data, "lm")

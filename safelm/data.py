@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, MissingColumn
 
 SPLITS = ("train", "val", "test")
 UNKNOWN_GROUP = "unknown"
@@ -121,8 +121,8 @@ def _require(df: pd.DataFrame, col: str, path: Path, option: str) -> None:
     if col not in df.columns:
         close = difflib.get_close_matches(col, [str(c) for c in df.columns], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise DataError(f"{path}: no column {col!r} ({hint}columns: "
-                        f"{', '.join(map(str, df.columns))}); set it with {option}")
+        raise MissingColumn(f"{path}: no column {col!r} ({hint}columns: "
+                            f"{', '.join(map(str, df.columns))}); set it with {option}", col)
 
 
 def _as_str(series: pd.Series) -> pd.Series:

@@ -18,3 +18,12 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Input data that cannot be read or does not have what the task needs."""
+
+
+class MissingColumn(DataError):
+    """A column the task needs is not in the file; ``column`` names it (callers that can do
+    without it, e.g. predicting on unlabelled rows, test the type, never the message)."""
+
+    def __init__(self, message: str, column: str):
+        super().__init__(message)
+        self.column = column

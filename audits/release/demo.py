@@ -42,7 +42,7 @@ def _release_dp_classifier(ctx: dict[str, Any], rel: Path) -> dict[str, Any]:
             return release(ctx["dp_classifier_run"], rel, opts)
         except UnboundReport as e:
             print(f"  note: report not attached ({e})")
-            if str(e).startswith("--fairness-report"):
+            if e.option == "--fairness-report":
                 opts.fairness_report = None
             else:
                 opts.privacy_audit = None

@@ -64,7 +64,12 @@ def _scalars(d: Any, strings: bool = True) -> dict[str, Any]:
 
 # ---- binding: a report must be about the released weights ----------------------------------
 class UnboundReport(UserError):
-    """An audit report that does not show it evaluated the weights being released."""
+    """An audit report that does not show it evaluated the weights being released; ``option``
+    names which (``--fairness-report`` or ``--privacy-audit``)."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 def binding(what: str, p: Path, audited: Any, weights_sha256: str, allow_unbound: bool
@@ -86,7 +91,7 @@ def binding(what: str, p: Path, audited: Any, weights_sha256: str, allow_unbound
         raise UnboundReport(f"{what} {p}: {why}; audit the weights being released (for "
                             "fairness: 'safelm predict' this run, then audit that table "
                             "beside its .meta.json), or pass --allow-unbound-report to attach "
-                            "it anyway (the card then says it is unbound)")
+                            "it anyway (the card then says it is unbound)", what)
     return {"model_sha256": audited, "bound_to_weights": False, "unbound_reason": why}
 
 
