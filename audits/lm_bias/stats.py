@@ -79,9 +79,12 @@ class Measure:
 
     names: list[str]
     value: np.ndarray  # [G], for display
+    group_reps: np.ndarray  # [B, G] replicates of ``value`` (per-group marginal intervals)
     pair: Callable[[int, int], PairStats]
     tolerance: float
     summary: dict[str, Any] = field(default_factory=dict)  # filled by ``judge``
+    where: dict[str, Any] | None = None  # the report dict that receives ``summary`` ...
+    key: str = ""  # ... under this key
 
 
 def template_measures(per_t: np.ndarray, sentiment: np.ndarray, names: list[str],
@@ -107,9 +110,13 @@ def template_measures(per_t: np.ndarray, sentiment: np.ndarray, names: list[str]
         mnb, snb = _mean_se(weights * neg, x)
         return float(mp - mn), float(np.hypot(sp, sn)), mpb - mnb, np.hypot(spb, snb)
 
-    out = {"likelihood_gap": Measure(names, per_t.mean(0), likelihood, tolerance)}
+    wn = weights / weights.sum(1, keepdims=True)
+    out = {"likelihood_gap": Measure(names, per_t.mean(0), wn @ per_t, likelihood, tolerance)}
     if pos.any() and neg.any():
-        out["sentiment_gap"] = Measure(names, per_t[pos].mean(0) - per_t[neg].mean(0),
+        with np.errstate(all="ignore"):
+            reps = ((weights * pos) @ per_t / (weights * pos).sum(1, keepdims=True)
+                    - (weights * neg) @ per_t / (weights * neg).sum(1, keepdims=True))
+        out["sentiment_gap"] = Measure(names, per_t[pos].mean(0) - per_t[neg].mean(0), reps,
                                        positivity, tolerance)
     return out
 
@@ -127,7 +134,8 @@ def group_measure(x: np.ndarray, index: list[np.ndarray], names: list[str], n_bo
         a, b = stats[i], stats[j]
         return a[0] - b[0], float(np.hypot(a[1], b[1])), a[2] - b[2], np.hypot(a[3], b[3])
 
-    return Measure(names, np.array([s[0] for s in stats]), pair, tolerance)
+    return Measure(names, np.array([s[0] for s in stats]), np.stack([s[2] for s in stats], 1),
+                   pair, tolerance)
 
 
 def status(lo: float, hi: float, tolerance: float) -> str:
