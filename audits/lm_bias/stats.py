@@ -166,8 +166,9 @@ def judge(measures: list[Measure], ci: float) -> dict[str, Any]:
     ok = [k for k, (est, se, _, _) in enumerate(stats) if np.isfinite(est) and np.isfinite(se)]
     t = np.stack([_t(stats[k][2], stats[k][0], stats[k][3]) for k in ok], axis=1) \
         if ok else np.zeros((1, 0))
-    crit = float(np.quantile(t.max(1), ci)) if ok else float("nan")
-    marginal = np.quantile(t, ci, axis=0) if ok else np.zeros(0)
+    # order statistics ("higher"): no interpolation, so infinite replicates stay infinite
+    crit = float(np.quantile(t.max(1), ci, method="higher")) if ok else float("nan")
+    marginal = np.quantile(t, ci, axis=0, method="higher") if ok else np.zeros(0)
     rows: dict[int, list[dict[str, Any]]] = {}
     for k, (m, i, j) in enumerate(pairs):
         est, se = stats[k][0], stats[k][1]
