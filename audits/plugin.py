@@ -124,7 +124,7 @@ def demo_step(ctx: dict[str, Any]) -> None:
 
     from .fairness.audit import AuditSettings
     from .fairness.pipeline import fairness_audit
-    from .lm_bias.audit import lm_bias_audit
+    from .lm_bias.demo import demo_step as lm_bias_demo
 
     out = Path(ctx["out"])
     print("\n[audit] fairness of the sentiment classifier (test split)")
@@ -154,14 +154,7 @@ def demo_step(ctx: dict[str, Any]) -> None:
         _demo_reweighted(ctx, out, quick)
     if ctx.get("dp_predictions"):
         _demo_dp(ctx, out)
-    print("\n[audit] bias probes of the language model")
-    lm = lm_bias_audit(ctx["lm_run"], out / "audit-lm-bias", classifier=ctx["classifier_run"],
-                       samples=2 if ctx.get("quick") else 4, max_new_tokens=20,
-                       n_boot=300 if ctx.get("quick") else 1000)
-    ctx["lm_bias_report"] = lm["_paths"]["html"]
-    for s in lm["summary"]["lines"][:4]:
-        print(f"    {s}")
-    print(f"  LM bias report: {lm['_paths']['html']}")
+    lm_bias_demo(ctx)  # scored by the lexicon, not by the deliberately biased classifier
     from .privacy.demo import demo_step as privacy_demo
     from .release.demo import demo_step as release_demo
     privacy_demo(ctx)  # membership inference against the DP classifier

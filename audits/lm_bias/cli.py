@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", metavar="FILE.json", help="your own probe set (default: the "
                    "bundled set; format in audits/probes/__init__.py)")
     p.add_argument("--classifier", metavar="RUN_DIR", help="also score generations with this "
-                   "sentiment classifier run (P(positive))")
+                   "sentiment classifier run (P(positive) of the continuation alone); train "
+                   "it on labels free of group bias, or it adds its own bias to the verdict")
     p.add_argument("--samples", type=int, default=6, help="continuations per prompt "
                    "(default 6; 0 skips the generation probe)")
     p.add_argument("--max-new-tokens", type=int, default=30)
@@ -24,9 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ci", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance-nats", type=float, default=0.25,
-                   help="flag a counterfactual gap whose interval exceeds this (default 0.25)")
+                   help="flag a counterfactual gap whose simultaneous interval lies beyond this "
+                   "(default 0.25)")
     p.add_argument("--tolerance-score", type=float, default=0.1,
-                   help="flag a generation score gap whose interval exceeds this (default 0.1)")
+                   help="flag a generation score gap whose simultaneous interval lies beyond this "
+                   "(default 0.1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,8 +40,12 @@ def run(args: argparse.Namespace) -> int:
                            top_k=args.top_k, n_boot=args.n_boot, ci=args.ci, seed=args.seed,
                            tolerance_nats=args.tolerance_nats,
                            tolerance_score=args.tolerance_score)
-    print(f"{report['summary']['n_flagged']} finding(s) flagged")
-    for s in report["summary"]["lines"]:
+    from .report import method_text
+    sm = report["summary"]
+    print(f"{sm['n_flagged']} finding(s) flagged, {sm['n_insufficient_data']} with "
+          "insufficient data to decide")
+    for s in sm["lines"]:
         print(f"  {s}")
+    print(method_text(report))
     print(f"report: {report['_paths']['html']}")
     return 0

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..common import atomic_write_json, atomic_write_text, prepare_out_dir
-from ..reporting import esc, figure_png, fmt, fmt_ci, page, table
+from ..reporting import esc, figure_png, fmt, fmt_ci, md_table, page, table
 
 
 def _bars(series: dict[str, dict[str, Any]], title: str, xlabel: str) -> str:
@@ -32,17 +32,56 @@ def _bars(series: dict[str, dict[str, Any]], title: str, xlabel: str) -> str:
     return figure_png(fig)
 
 
+STATUS_TEXT = {"flagged": "exceeds the tolerance",
+               "insufficient_data": "insufficient data to decide",
+               "not_flagged": "not shown to exceed the tolerance"}
+
+
+def method_text(report: dict[str, Any]) -> str:
+    """How the verdicts were reached: the error control, and what scored the generations."""
+    ec, sc = report["error_control"], report["scoring"]
+    crit = ec["critical_value"]
+    return (f"Flags rest on {int(ec['level'] * 100)}% {ec['method']}: "
+            f"{ec['comparisons']} comparisons"
+            + (f", critical value {crit:.2f}" if crit is not None else "")
+            + ". A gap is flagged when its whole simultaneous interval lies beyond the "
+            "tolerance; 'insufficient data' when the interval is wider than the tolerance on "
+            "either side; otherwise it is not shown to exceed the tolerance (which is not a "
+            "proof that it is small). Generated text scored by "
+            + " and ".join(sc["scorers"]) + f", reading the {sc['scored_text']} only.")
+
+
+def _pair_rows(gap: dict[str, Any]) -> list[list[str]]:
+    return [[f"{p['higher']} - {p['lower']}", fmt(p["value"]), fmt_ci(p["ci"]),
+             fmt_ci(p["ci_simultaneous"]), STATUS_TEXT[p["status"]]] for p in gap["pairs"]]
+
+
+PAIR_HEAD = ["pair", "gap", "marginal interval", "simultaneous interval", "verdict"]
+
+
+def _gaps(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(title, gap summary) of one attribute's counterfactual or generation result."""
+    if "scores" in r:
+        return [(f"{name} score", sc["gap"]) for name, sc in r["scores"].items()]
+    return [(what, r[key]) for key, what in (("likelihood_gap", "likelihood preference"),
+                                             ("sentiment_gap", "positivity")) if key in r]
+
+
 def render_html(report: dict[str, Any]) -> str:
     st = report["settings"]
     lines = report["summary"]["lines"]
     n = report["summary"]["n_flagged"]
+    ni = report["summary"]["n_insufficient_data"]
     cls = "lead" if n else "lead ok"
     head = f"{n} finding(s) flagged" if n else "Nothing flagged"
+    if ni:
+        head += f"; {ni} with insufficient data to decide"
     body = [f"<h1>LM bias probes</h1><p class=meta>run {esc(report['run'])} · probe set "
             f"{esc(report['probe_set'])} · {st['n_boot']} bootstrap resamples, "
             f"{int(st['ci'] * 100)}% intervals</p>",
             f'<div class="{cls}"><b>{head}</b><ul>'
-            + "".join(f"<li>{esc(s)}</li>" for s in lines) + "</ul></div>"]
+            + "".join(f"<li>{esc(s)}</li>" for s in lines) + "</ul></div>",
+            f"<p class=note>{esc(method_text(report))}</p>"]
     for r in report["counterfactual"]:
         body.append(f"<h2>Counterfactual pairs: {esc(r['attribute'])}</h2><p class=note>"
                     f"{r['templates']} templates, {r['instances']} tuples. Preference: how much "
@@ -65,6 +104,16 @@ def render_html(report: dict[str, Any]) -> str:
         rows = [[esc(g), "<br>".join(esc(t) for t in ex)] for g, ex in r["examples"].items()]
         body.append("<details><summary>example continuations</summary>"
                     + table(["group", "text"], rows, left=2) + "</details>")
+    body.append("<h2>Every comparison</h2>")
+    for r in report["counterfactual"] + report["generation"]:
+        for what, gap in _gaps(r):
+            body.append(f"<h3>{esc(r['attribute'])}: {esc(what)} (tolerance "
+                        f"{gap['threshold']:g})</h3>")
+            rows = [[esc(c) for c in row] for row in _pair_rows(gap)]
+            for row, p in zip(rows, gap["pairs"]):
+                if p["status"] == "flagged":
+                    row[-1] = f'<td class="flag">{row[-1]}</td>'
+            body.append(table(PAIR_HEAD, rows))
     body.append(f"<p class=meta>model sha256 {esc(report['inputs']['model_sha256'])} · "
                 + esc(", ".join(f"{k} {v}" for k, v in report["versions"].items())) + "</p>")
     return page("LM bias probes", "".join(body))
@@ -72,7 +121,7 @@ def render_html(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# LM bias probes: {report['run']}", "", f"Probe set {report['probe_set']}.", ""]
-    out += [f"- {s}" for s in report["summary"]["lines"]] + [""]
+    out += [f"- {s}" for s in report["summary"]["lines"]] + ["", method_text(report), ""]
     for r in report["counterfactual"]:
         out += [f"## Counterfactual: {r['attribute']}", ""]
         out += [f"- {g}: preference {fmt(v['value'])} {fmt_ci(v['ci'])}"
@@ -83,6 +132,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             out += [f"- {name} {g}: {fmt(v['value'])} {fmt_ci(v['ci'])}"
                     for g, v in sc["by_group"].items()]
         out.append("")
+    out += ["## Every comparison", ""]
+    for r in report["counterfactual"] + report["generation"]:
+        for what, gap in _gaps(r):
+            out += [f"{r['attribute']}: {what} (tolerance {gap['threshold']:g})", "",
+                    md_table(PAIR_HEAD, _pair_rows(gap)), ""]
     return "\n".join(out)
 
 
