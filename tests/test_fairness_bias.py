@@ -31,7 +31,8 @@ def test_planted_bias_is_flagged(files):
     assert hit and hit[0]["worse_off"] and hit[0]["ci"][1] < 0.8
     assert _flagged(rep, "tpr", "female*old", "difference")
     dp = [d for d in rep["disparities"] if d["metric"] == "demographic_parity"
-          and d["slice"] == "gender*age_group" and d["kind"] == "difference"][0]
+          and d["slice"] == "gender*age_group" and d["kind"] == "difference"
+          and d["scope"] == "range"][0]
     assert dp["flagged"] and dp["min_group"] == "female*old"
     assert rep["summary"]["flagged"][0].startswith("female*old")
     # groups the bias does not touch are not flagged as worse off on selection rate
