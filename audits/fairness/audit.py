@@ -178,20 +178,6 @@ def group_label(key: tuple[str, ...]) -> str:
     return "*".join(key)
 
 
-def _pair(pv: np.ndarray, rv: np.ndarray, keep: np.ndarray
-          ) -> tuple[int, int, float, float, np.ndarray, np.ndarray] | None:
-    """The highest and lowest kept group of the point values, their difference and ratio,
-    and the same for that fixed pair in every replicate ([B])."""
-    masked = np.where(keep, pv, np.nan)
-    if np.isfinite(masked).sum() < 2:
-        return None
-    hi, lo = int(np.nanargmax(masked)), int(np.nanargmin(masked))
-    with np.errstate(all="ignore"):
-        q = pv[lo] / pv[hi] if pv[hi] > 0 else np.nan
-        rq = np.where(rv[:, hi] > 0, rv[:, lo] / np.where(rv[:, hi] > 0, rv[:, hi], 1), np.nan)
-    return hi, lo, float(pv[hi] - pv[lo]), float(q), rv[:, hi] - rv[:, lo], rq
-
-
 def reference_groups(pt: PredTable, sl: Slices, n: dict[str, np.ndarray],
                      st: AuditSettings) -> tuple[dict[str, int], list[str]]:
     """Validate ``--reference COL=VALUE`` and find each slice's reference group: a slice

@@ -125,6 +125,7 @@ class Pending:
 
     maxt: MaxT
     simultaneous: bool = True
+    all_in_family: bool = False  # also comparisons without a tolerance (mitigation gaps)
     items: list[tuple[dict[str, Any], float, float, bool, bool]] = field(default_factory=list)
 
     def add_block(self, entries: list[dict[str, Any]], kind: str, theta: np.ndarray,
@@ -132,7 +133,8 @@ class Pending:
                   ) -> None:
         """Marginal interval of each entry now: the percentile interval joined with
         theta +- z floor; family = the entries that can be flagged."""
-        thresholds = np.array([e["threshold"] is not None for e in entries], bool)
+        thresholds = np.array([e["threshold"] is not None or self.all_in_family
+                               for e in entries], bool)
         family = eligible & thresholds
         se = self.maxt.add(theta, reps, floor, family)
         lo_hi = percentile(reps, self.maxt.level)

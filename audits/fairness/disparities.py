@@ -66,8 +66,9 @@ def to_other(pend: Pending, base: dict[str, Any], groups: list[dict[str, Any]], 
 
 def pairs(pend: Pending, name: str, keys: list[tuple[str, ...]], cols: tuple[str, ...],
           p: Arrays, r: Arrays, m: str, metric: str, prop: bool, keep: np.ndarray,
-          thresholds: dict[str, float | None]) -> tuple[list[dict[str, Any]],
-                                                         dict[str, dict[str, Any]]]:
+          thresholds: dict[str, float | None],
+          kinds: tuple[str, ...] = ("difference", "ratio")
+          ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every pair of kept groups (higher point value first) and the slice's range entries
     ({kind: entry}), whose marginal interval is that of the extreme pair (as before) and
     whose simultaneous interval is set by :func:`finish_ranges`."""
@@ -83,7 +84,7 @@ def pairs(pend: Pending, name: str, keys: list[tuple[str, ...]], cols: tuple[str
     out: list[dict[str, Any]] = []
     ranges: dict[str, dict[str, Any]] = {}
     top, bottom = kept[np.argmax(p[m][kept])], kept[np.argmin(p[m][kept])]
-    for kind in ("difference", "ratio"):
+    for kind in kinds:
         theta, reps, floor = test_scale(kind, a, b, prop)
         values = _values(kind, a.value, b.value)
         ents = [{"slice": name, "metric": metric, "kind": kind, "reference": "between_groups",

@@ -355,12 +355,17 @@ def _comparison_html(c: dict[str, Any]) -> str:
         m = e["metrics"][metric]
         rows.append([esc(e["slice"]), esc(e["label"]), str(e["n"]), fmt(m["baseline"]),
                      fmt(m["value"]), f'{fmt(m["change"])} <span class="ci">{fmt_ci(m["ci"])}'
-                     "</span>", fmt_ci(m["change_vs_overall"]["ci"])])
+                     "</span>", fmt_ci(m["ci_simultaneous"]),
+                     "yes" if m["significant"] else "",
+                     fmt_ci(m["change_vs_overall"]["ci_simultaneous"])])
     return (f"<h2>Against the baseline {esc(Path(c['baseline']).name)}</h2><p class=note>"
             f"{c['rows_joined']} rows paired on example_id; change = this table - baseline, "
-            "paired bootstrap intervals.</p>" + plots.change_chart(groups, metric)
+            "paired bootstrap intervals; significant = the simultaneous interval (all groups "
+            f"and metrics together, critical value {c['error_control']['critical_value']:.2f})"
+            " excludes 0.</p>" + plots.change_chart(groups, metric)
             + table(["slice", "group", "n", f"baseline {metric_name(metric)}", "this table",
-                     "change", "change vs overall change"], rows, left=2))
+                     "change", "simultaneous", "significant",
+                     "change vs overall change (simultaneous)"], rows, left=2))
 
 
 def _footer(report: dict[str, Any]) -> str:
@@ -422,7 +427,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for e in c["by_group"]:
             m = e["metrics"].get("accuracy") or next(iter(e["metrics"].values()))
             out.append(f"- {e['label']} (n={e['n']}): change {fmt(m['change'])} "
-                       f"{fmt_ci(m['ci'])}")
+                       f"{fmt_ci(m['ci'])}, simultaneous {fmt_ci(m['ci_simultaneous'])}"
+                       + (" (significant)" if m["significant"] else ""))
         out.append("")
     out += [f"Input sha256: `{inp['predictions_sha256']}`", ""]
     return "\n".join(out)
