@@ -59,7 +59,7 @@ from .bootstrap import Engine
 from .comparisons import Pending
 from .disparities import (HIGHER_IS_WORSE, OVERALL, equalized_odds, finish_ranges,
                           group_status, pairs, side, to_other)
-from .metrics import metric_defs, metric_functions, sample_param_names
+from .metrics import atom_metric_functions, metric_defs
 from .simultaneous import MaxT
 from .table import PredTable
 
@@ -133,20 +133,29 @@ def make_slices(df: pd.DataFrame, sensitive: list[str]) -> Slices:
     return Slices(names, cols, cell, groups, of_cell)
 
 
-def metricframe_values(pt: PredTable, cols: tuple[str, ...]
+def atom_table(pt: PredTable, code: np.ndarray, cont: np.ndarray) -> pd.DataFrame:
+    """One row per (sensitive values, code): ``_code``, ``_count`` and summed ``c0, c1...``
+    (what :func:`metricframe_values` hands to MetricFrame; see ``atom_metric_functions``)."""
+    df = pt.df[pt.sensitive].copy()
+    df["_code"] = code
+    df["_count"] = 1.0
+    for j in range(cont.shape[1]):
+        df[f"c{j}"] = cont[:, j]
+    return df.groupby(pt.sensitive + ["_code"], sort=True, observed=True).sum().reset_index()
+
+
+def metricframe_values(pt: PredTable, cols: tuple[str, ...], atoms: pd.DataFrame
                        ) -> tuple[dict[tuple[str, ...], dict[str, float]], dict[str, float]]:
     """fairlearn's MetricFrame over one slice: ({group key: {metric: value}}, overall)."""
-    funcs = metric_functions(pt.task)
-    params = {p: pt.df[p].to_numpy(float) for p in sample_param_names(pt.task)}
-    # only the metrics that read scores / NLL get them: fairlearn 0.15 converts every
-    # argument element by element (np.stack), which dominates its cost on large tables
-    needs = {m: params for m in funcs if m in ("calibration_error", "perplexity")}
+    funcs = atom_metric_functions(pt.task)
+    conts = {c: atoms[c].to_numpy(float) for c in atoms.columns if c.startswith("c")
+             and c[1:].isdigit()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        mf = MetricFrame(metrics=funcs, y_true=pt.df["y_true"].to_numpy(str),
-                         y_pred=pt.df["y_pred"].to_numpy(str),
-                         sensitive_features=pt.df[list(cols)],
-                         sample_params=needs or None)
+        mf = MetricFrame(metrics=funcs, y_true=atoms["_code"].to_numpy(np.int64),
+                         y_pred=atoms["_count"].to_numpy(float),
+                         sensitive_features=atoms[list(cols)],
+                         sample_params={m: conts for m in funcs} if conts else None)
     keys = [k if isinstance(k, tuple) else (k,) for k in mf.by_group.index]
     by = {tuple(map(str, k)): row for k, row in zip(keys, mf.by_group.to_dict("records"))}
     return by, {m: float(v) for m, v in mf.overall.items()}
@@ -235,6 +244,7 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
     props = {m.name for m in metrics if m.proportion is not None}
     sl = make_slices(pt.df, pt.sensitive)
     code, cont = pt.encoded()
+    atoms = atom_table(pt, code, cont) if check else None
     engine = Engine(task, metrics, sl.cell, sl.of_cell, code, cont)
     point = engine.point()
     refs, ref_notes = reference_groups(
@@ -246,7 +256,7 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
     for name in sl.names:
         p, r, keys, cols = point[name][0], reps[name][0], sl.groups[name], sl.cols[name]
         if check:
-            by, overall = metricframe_values(pt, cols)
+            by, overall = metricframe_values(pt, cols, atoms)
             _check_agreement(by, overall, p, ov, keys, names)
         n = p["n"].astype(int)
         small = n < st.min_group_size
