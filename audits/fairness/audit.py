@@ -58,7 +58,7 @@ from safelm.errors import UserError
 from .bootstrap import Engine
 from .comparisons import Pending
 from .disparities import (HIGHER_IS_WORSE, OVERALL, equalized_odds, finish_ranges,
-                          group_status, pairs, side, to_other)
+                          group_status, pairs, pooled_variance, side, to_other)
 from .metrics import atom_metric_functions, metric_defs
 from .simultaneous import MaxT
 from .table import PredTable
@@ -283,13 +283,14 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
             prop = m in props
             eligible = prop | ~small
             t = {k: st.thresholds.get(m, k) for k in ("difference", "ratio")}
+            s2 = None if prop else pooled_variance(rov[m][:, 0], len(pt.df))
             t_ov = dict(t)
             if ref is not None and m.startswith("selection_rate"):
                 t_ov["ratio"] = None  # the four-fifths rule compares with the reference
             ds = to_other(pend, {"slice": name, "reference": OVERALL}, groups, m, prop,
                           side(p, r, m, idx, prop),
                           side(ov, rov, m, np.zeros(len(keys), np.int64), prop),
-                          True, eligible, t_ov, "overall_value")
+                          True, eligible, t_ov, "overall_value", s2)
             if ref is not None:
                 o = idx[idx != ref]
                 base = {"slice": name, "reference": "group",
@@ -298,13 +299,14 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
                 ds += to_other(pend, base, [groups[i] for i in o], m, prop,
                                side(p, r, m, o, prop), side(p, r, m, np.full(len(o), ref),
                                                              prop),
-                               False, eligible[o], t, "reference_value")
+                               False, eligible[o], t, "reference_value", s2)
             for d in ds:
                 subject[(name, keys.index(tuple(d["group"].values())))].append(d)
             metric = "demographic_parity" if m == "selection_rate" and task.kind == "binary" \
                 else m
             tb = {k: st.thresholds.get(metric, k) for k in ("difference", "ratio")}
-            pair_ds, rng = pairs(pend, name, keys, cols, p, r, m, metric, prop, ~small, tb)
+            pair_ds, rng = pairs(pend, name, keys, cols, p, r, m, metric, prop, ~small, tb,
+                                 sigma2=s2)
             disparities += ds + pair_ds
             if rng:
                 slice_ranges[m] = rng

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 import numpy as np
 
 from .simultaneous import MaxT, marginal_z, percentile, prop_var, smoothed
@@ -37,6 +39,7 @@ class Side:
     den: np.ndarray | None = None
     rnum: np.ndarray | None = None
     rden: np.ndarray | None = None
+    n: np.ndarray | None = None  # rows per group (pooled floors of other metrics)
 
 
 def _log(x: np.ndarray) -> np.ndarray:
@@ -44,46 +47,66 @@ def _log(x: np.ndarray) -> np.ndarray:
         return np.where(x > 0, np.log(np.where(x > 0, x, 1)), np.nan)
 
 
-def test_scale(kind: str, a: Side, b: Side, prop: bool, nested: bool = False
+def test_scale(kind: str, a: Side, b: Side, prop: bool, nested: bool = False,
+               sigma2: dict[str, float] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(theta [P], replicates [B, P], se floor [P]) of ``a`` vs ``b`` on the test scale.
 
-    Floors (proportions only; 0 otherwise) come from the Jeffreys-smoothed counts: a
-    difference of independent groups has variance v_a + v_b; a group against the overall
-    population that contains it, p_o = w p_a + (1 - w) p_rest, has (1 - w)^2 (v_a + v_rest);
-    log ratios use the delta method on the smoothed proportions.
+    Why floors: studentizing by the bootstrap se alone fails exactly where fair models get
+    flagged: a group of 15 positives that were all found has TPR 1 and bootstrap se 0, and a
+    rate that is far from its truth by chance comes with a se estimated at that wrong value.
+    So each se is at least the largest of
+
+    * an *unpooled* one from the Jeffreys-smoothed counts (proportions): a difference of
+      independent groups has variance v_a + v_b; a group against the overall population that
+      contains it, p_o = w p_a + (1 - w) p_rest, has (1 - w)^2 (v_a + v_rest); log ratios
+      use the delta method on the smoothed proportions;
+    * a *pooled* one, the se under parity (as in a score test): proportions with the pooled
+      smoothed rate p, p (1 - p) (1/n_a + 1/n_b), or p (1 - p) (1 - w) / n_a against overall
+      (log ratios: (1 - p) / p times the same); other metrics with the overall metric's
+      bootstrap variance scaled to the group sizes, ``sigma2[kind]`` = N Var(overall) (the
+      variance of a mean-like metric of n rows is about sigma2 / n).
+
+    Each can only widen an interval, so coverage never depends on which one binds.
     """
     zero = np.zeros_like(np.asarray(a.value, float))
-    if prop:
-        va, vb = prop_var(a.num, a.den), prop_var(b.num, b.den)
+    with np.errstate(all="ignore"):
         if nested:
-            with np.errstate(all="ignore"):
-                w = np.where(b.den > 0, a.den / np.where(b.den > 0, b.den, 1), np.nan)
-            vr = np.nan_to_num(prop_var(b.num - a.num, b.den - a.den))
-    if kind == "difference":
-        theta, reps = a.value - b.value, a.reps - b.reps
+            wa = (a.den / b.den) if prop else (a.n / b.n)
+        if prop:
+            va, vb = prop_var(a.num, a.den), prop_var(b.num, b.den)
+            pool = smoothed(b.num, b.den) if nested else smoothed(a.num + b.num, a.den + b.den)
+            size = (1 - wa) / a.den if nested else 1 / a.den + 1 / b.den
+            if nested:
+                vr = np.nan_to_num(prop_var(b.num - a.num, b.den - a.den))
+        elif sigma2 is not None and a.n is not None:
+            size = (1 - wa) / a.n if nested else 1 / a.n + 1 / b.n
+            pooled = np.sqrt(sigma2.get(kind, np.nan) * size)
+        else:
+            pooled = zero
+        if kind == "difference":
+            theta, reps = a.value - b.value, a.reps - b.reps
+            if not prop:
+                return theta, reps, np.nan_to_num(pooled)
+            var = (1 - wa) ** 2 * (va + vr) if nested else va + vb
+            return theta, reps, np.fmax(np.sqrt(var), np.sqrt(pool * (1 - pool) * size))
         if not prop:
-            return theta, reps, zero
-        var = (1 - w) ** 2 * (va + vr) if nested else va + vb
-        return theta, reps, np.sqrt(var)
-    if not prop:
-        with np.errstate(all="ignore"):
-            return _log(a.value) - _log(b.value), _log(a.reps) - _log(b.reps), zero
-    pa, pb = smoothed(a.num, a.den), smoothed(b.num, b.den)
-    theta = _log(pa) - _log(pb)
-    reps = _log(smoothed(a.rnum, a.rden)) - _log(smoothed(b.rnum, b.rden))
-    if nested:
-        with np.errstate(all="ignore"):
-            var = (1 / pa - w / pb) ** 2 * va + ((1 - w) / pb) ** 2 * vr
-    else:
-        var = va / pa ** 2 + vb / pb ** 2
-    return theta, reps, np.sqrt(var)
+            return (_log(a.value) - _log(b.value), _log(a.reps) - _log(b.reps),
+                    np.nan_to_num(pooled))
+        pa, pb = smoothed(a.num, a.den), smoothed(b.num, b.den)
+        theta = _log(pa) - _log(pb)
+        reps = _log(smoothed(a.rnum, a.rden)) - _log(smoothed(b.rnum, b.rden))
+        if nested:
+            var = (1 / pa - wa / pb) ** 2 * va + ((1 - wa) / pb) ** 2 * vr
+        else:
+            var = va / pa ** 2 + vb / pb ** 2
+        return theta, reps, np.fmax(np.sqrt(var), np.sqrt((1 - pool) / pool * size))
 
 
 def flag(kind: str, ci: list[float], t: float | None) -> bool:
     """Whole interval beyond the tolerance: outside [-t, t] (difference), [t, 1/t] (ratio)."""
     lo, hi = ci
-    if t is None or not (np.isfinite(lo) and np.isfinite(hi)):
+    if t is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return False
     if kind == "difference":
         return bool(lo > t or hi < -t)
@@ -95,7 +118,7 @@ def judge(kind: str, ci: list[float], t: float | None, eligible: bool = True) ->
     lo, hi = ci
     if t is None or not eligible:
         return "not_judged"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         return "insufficient_data"
     if flag(kind, ci, t):
         return "flagged"
@@ -112,7 +135,7 @@ def detectable(kind: str, ci: list[float], t: float | None) -> float | None:
     """The smallest observed gap that an interval this wide would flag: tolerance + half
     the width (difference); for a ratio, the ratio below which it would be flagged."""
     lo, hi = ci
-    if t is None or not (np.isfinite(lo) and np.isfinite(hi)):
+    if t is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return None
     if kind == "difference":
         return float(t + (hi - lo) / 2)
@@ -151,8 +174,8 @@ class Pending:
         for e, theta, se, eligible, prop in self.items:
             kind = e["kind"]
             lo, hi = _test(kind, e["ci"])
-            if np.isfinite(theta) and np.isfinite(se):
-                lo, hi = np.fmin(lo, theta - c * se), np.fmax(hi, theta + c * se)
+            if math.isfinite(theta) and math.isfinite(se):
+                lo, hi = min(lo, theta - c * se), max(hi, theta + c * se)
             e["ci_simultaneous"] = _back(kind, lo, hi, prop)
             used = e["ci_simultaneous"] if self.simultaneous else e["ci"]
             t = e["threshold"]
@@ -163,16 +186,23 @@ class Pending:
 
 
 def _back(kind: str, lo: float, hi: float, prop: bool) -> list[float]:
+    """Test scale -> report scale (NaN stays NaN: min/max with NaN keep the NaN side)."""
     if kind == "ratio":
-        with np.errstate(all="ignore"):
-            return [float(np.exp(lo)), float(np.exp(hi))]
+        return [_exp(lo), _exp(hi)]
     if prop:
-        lo, hi = max(lo, -1.0), min(hi, 1.0)
+        lo, hi = max(lo, -1.0) if lo == lo else lo, min(hi, 1.0) if hi == hi else hi
     return [float(lo), float(hi)]
+
+
+def _exp(x: float) -> float:
+    if x != x:
+        return math.nan
+    return 0.0 if x == -math.inf else (math.inf if x > 700 else math.exp(x))
 
 
 def _test(kind: str, ci: list[float]) -> tuple[float, float]:
     if kind == "ratio":
-        with np.errstate(all="ignore"):
-            return float(np.log(ci[0])) if ci[0] > 0 else -np.inf, float(np.log(ci[1]))
+        lo, hi = ci
+        return (math.log(lo) if lo > 0 else (-math.inf if lo == 0 else math.nan),
+                math.log(hi) if hi > 0 else (-math.inf if hi == 0 else math.nan))
     return ci[0], ci[1]

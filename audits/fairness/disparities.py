@@ -15,6 +15,7 @@ U = max(|lo|, |hi|). So the range is flagged exactly when some pair is.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,21 @@ HIGHER_IS_WORSE = ("fpr", "fnr", "calibration_error", "perplexity")
 Arrays = dict[str, np.ndarray]
 
 
+def pooled_variance(reps: np.ndarray, n: int) -> dict[str, float]:
+    """N Var of the overall metric's replicates, on both test scales (see
+    ``comparisons.test_scale``): what a group of n rows has, divided by n, under parity."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logs = np.where(reps > 0, np.log(np.where(reps > 0, reps, 1)), np.nan)
+        return {"difference": float(n * np.nanvar(reps)), "ratio": float(n * np.nanvar(logs))}
+
+
 def side(p: Arrays, r: Arrays, m: str, idx: np.ndarray, prop: bool) -> Side:
     """Groups ``idx`` of a slice's point values ``p`` ([G]) and replicates ``r`` ([B, G])."""
     if not prop:
-        return Side(p[m][idx], r[m][:, idx])
+        return Side(p[m][idx], r[m][:, idx], n=p["n"][idx])
     return Side(p[m][idx], r[m][:, idx], p[f"{m}:num"][idx], p[f"{m}:den"][idx],
-                r[f"{m}:num"][:, idx], r[f"{m}:den"][:, idx])
+                r[f"{m}:num"][:, idx], r[f"{m}:den"][:, idx], p["n"][idx])
 
 
 def _values(kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -48,12 +58,13 @@ def _worse(m: str, a: float, b: float) -> bool:
 
 def to_other(pend: Pending, base: dict[str, Any], groups: list[dict[str, Any]], m: str,
              prop: bool, a: Side, b: Side, nested: bool, eligible: np.ndarray,
-             thresholds: dict[str, float | None], other_key: str) -> list[dict[str, Any]]:
+             thresholds: dict[str, float | None], other_key: str,
+             sigma2: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Entries of groups (``a``) against one other (``b``): overall or a reference group.
     ``groups[i]`` holds the per-group keys (group, label, n, small)."""
     out = []
     for kind in ("difference", "ratio"):
-        theta, reps, floor = test_scale(kind, a, b, prop, nested)
+        theta, reps, floor = test_scale(kind, a, b, prop, nested, sigma2)
         values = _values(kind, a.value, b.value)
         ents = [{**base, "metric": m, "kind": kind, **g, "worse_off": _worse(m, av, bv),
                  "group_value": float(av), other_key: float(bv), "value": float(v),
@@ -67,8 +78,8 @@ def to_other(pend: Pending, base: dict[str, Any], groups: list[dict[str, Any]], 
 def pairs(pend: Pending, name: str, keys: list[tuple[str, ...]], cols: tuple[str, ...],
           p: Arrays, r: Arrays, m: str, metric: str, prop: bool, keep: np.ndarray,
           thresholds: dict[str, float | None],
-          kinds: tuple[str, ...] = ("difference", "ratio")
-          ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+          kinds: tuple[str, ...] = ("difference", "ratio"),
+          sigma2: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every pair of kept groups (higher point value first) and the slice's range entries
     ({kind: entry}), whose marginal interval is that of the extreme pair (as before) and
     whose simultaneous interval is set by :func:`finish_ranges`."""
@@ -85,7 +96,7 @@ def pairs(pend: Pending, name: str, keys: list[tuple[str, ...]], cols: tuple[str
     ranges: dict[str, dict[str, Any]] = {}
     top, bottom = kept[np.argmax(p[m][kept])], kept[np.argmin(p[m][kept])]
     for kind in kinds:
-        theta, reps, floor = test_scale(kind, a, b, prop)
+        theta, reps, floor = test_scale(kind, a, b, prop, sigma2=sigma2)
         values = _values(kind, a.value, b.value)
         ents = [{"slice": name, "metric": metric, "kind": kind, "reference": "between_groups",
                  "scope": "pair", "group": dict(zip(cols, keys[x])), "label": label[x],

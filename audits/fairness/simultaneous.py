@@ -55,9 +55,21 @@ def prop_var(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def percentile(reps: np.ndarray, level: float) -> np.ndarray:
     """Percentile interval along axis 0 ([2, ...]); NaN where no replicate is defined."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanquantile(reps, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    reps = np.asarray(reps, float)
+    if reps.ndim != 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanquantile(reps, q, axis=0)
+    out = np.full((2, reps.shape[1]), np.nan)
+    bad = np.isnan(reps).any(axis=0)
+    if (~bad).any():  # vectorized; nanquantile works column by column
+        out[:, ~bad] = np.quantile(reps[:, ~bad], q, axis=0)
+    if bad.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[:, bad] = np.nanquantile(reps[:, bad], q, axis=0)
+    return out
 
 
 class MaxT:
@@ -65,8 +77,8 @@ class MaxT:
 
     ``add`` returns each comparison's standard error (bootstrap, floored) and accumulates,
     per replicate, the maximum studentized deviation over the comparisons that belong to the
-    family (those that can be flagged). ``critical`` is its ``level`` quantile, never below
-    the marginal normal quantile.
+    family (those that can be flagged). ``critical`` is its ``level`` quantile (the
+    conservative order statistic), never below the marginal normal quantile.
     """
 
     def __init__(self, level: float, n_boot: int):
@@ -98,7 +110,10 @@ class MaxT:
         z = float(norm.ppf((1 + self.level) / 2))
         if self.size == 0:
             return z
-        return max(z, float(np.quantile(self.tmax, self.level)))
+        # the ceil((B + 1) level)-th smallest maximum: a new draw falls below it with
+        # probability >= level (linear interpolation would give (B - 1) level / (B + 1))
+        k = min(len(self.tmax), int(np.ceil((len(self.tmax) + 1) * self.level)))
+        return max(z, float(np.sort(self.tmax)[k - 1]))
 
 
 def marginal_z(level: float) -> float:
