@@ -68,7 +68,7 @@ NO_DISPARITY = ("fnr",)
 ERROR_CONTROL = ("simultaneous", "none")
 METHOD = ("studentized max-t bootstrap (single step) over every comparison that can be "
           "flagged, resampling rows within intersectional cells; standard errors floored "
-          "by Jeffreys-smoothed proportions")
+          "by Jeffreys-smoothed and pooled (score-type) ones")
 METHOD_REFERENCE = ("Westfall & Young, Resampling-Based Multiple Testing (1993); Romano & "
                     "Wolf, JASA 100 (2005) 94-108")
 
