@@ -163,3 +163,36 @@ def test_compare_is_error_controlled(tmp_path):
                            for m in e["metrics"].values()))
     assert count(sim) == 0 and count(none) > 0
     assert sim["error_control"]["critical_value"] > 3
+
+
+def test_mitigation_before_after_is_error_controlled(tmp_path):
+    """Retraining that changes nothing systematic (two fair models, 24 groups): no group's
+    change is significant with simultaneous intervals, some are with marginal ones; the
+    gaps' simultaneous intervals contain their values and are never narrower than the
+    marginal ones' upper ends."""
+    rng = np.random.default_rng(9)
+    n = 24 * 150
+    cols = {c: rng.choice([f"{c}{i}" for i in range(k)], n) for c, k in
+            (("x", 2), ("u", 3), ("w", 4))}
+    y = rng.random(n) < 0.5
+
+    def model(seed):
+        r = np.random.default_rng(seed)
+        pred = np.where(r.random(n) < 0.75, y, ~y)
+        return pd.DataFrame({"example_id": np.arange(n), "y_true": np.where(y, "p", "q"),
+                             "y_pred": np.where(pred, "p", "q"), **cols})
+
+    a, b = write(model(3), tmp_path / "a.csv"), write(model(4), tmp_path / "b.csv")
+    counts = {}
+    for mode in ("simultaneous", "none"):
+        rep = fairness_audit(a, "x,u,w", unmitigated=b, settings=AuditSettings(
+            n_boot=200, error_control=mode))
+        m = rep["mitigation"][0]
+        counts[mode] = sum(v["change"]["significant"] for g in m["by_group"]
+                           for v in g["metrics"].values())
+        for gap in m["disparities"].values():
+            for side in ("before", "after"):
+                lo, hi = gap[side]["ci_simultaneous"]
+                assert lo <= gap[side]["value"] <= hi and hi >= gap[side]["ci"][1]
+        assert m["error_control"]["family_size"] > 500
+    assert counts["simultaneous"] == 0 and counts["none"] > 0

@@ -324,10 +324,12 @@ def _mitigation_html(items: list[dict[str, Any]]) -> str:
             f"<h3>{esc(_mitigation_title(it))}</h3><p>{esc(_mitigation_source(it))} Accuracy "
             f"{fmt(acc['before']['value'])} → {fmt(acc['after']['value'])} (cost "
             f"{fmt(it['accuracy_cost']['value'])} {fmt_ci(it['accuracy_cost']['ci'])}).</p>"
-            + table(["", "before", "after"], [[esc(k.replace("_", " ")),
-                    f"{fmt(v['before']['value'])} {fmt_ci(v['before']['ci'])}",
-                    f"{fmt(v['after']['value'])} {fmt_ci(v['after']['ci'])}"]
-                    for k, v in gaps.items()])
+            + table(["", "before", "after", "before, simultaneous", "after, simultaneous"],
+                    [[esc(k.replace("_", " ")),
+                      f"{fmt(v['before']['value'])} {fmt_ci(v['before']['ci'])}",
+                      f"{fmt(v['after']['value'])} {fmt_ci(v['after']['ci'])}",
+                      fmt_ci(v['before']['ci_simultaneous']),
+                      fmt_ci(v['after']['ci_simultaneous'])] for k, v in gaps.items()])
             + plots.before_after(it["by_group"], "selection_rate",
                                  f"selection rate by {it['slice']}, before/after"))
     return "".join(out)
