@@ -22,13 +22,16 @@ multiple-comparison machinery; the replicates come from the count bootstrap (``b
 resampled within groups (stratified), so group sizes are those of the table.
 
 Assumptions: the bootstrap law of the studentized maximum approximates its sampling law
-(large-sample; each group's rows are independent draws). Where it is weakest, at proportions
-near 0 or 1 and in tiny groups, the bootstrap standard error collapses (a group whose 30
-rows were all selected has se 0), so every se is floored by an analytic one from the
-Jeffreys-smoothed proportion ((x + 1/2) / (n + 1)); ratios are studentized on the log scale
-with the same smoothing, so a rate of 0 gives a finite, wide interval instead of [0, 0].
-``tests/test_fairness_simultaneous.py`` checks the coverage of the joint intervals by
-simulation, including tiny groups and rates near 0.
+(large-sample; each group's rows are independent draws; the group sizes are taken as fixed).
+Where it is weakest, at proportions near 0 or 1 and in tiny groups, the bootstrap standard
+error collapses (a group whose 15 positives were all found has TPR 1 and se 0) or is
+estimated at a value far from the truth, so every se is floored by analytic ones: from the
+Jeffreys-smoothed proportions ((x + 1/2) / (n + 1)) and pooled under parity, as in a score
+test (``comparisons.test_scale``); ratios are studentized on the log scale with the same
+smoothing, so a rate of 0 gives a finite, wide interval instead of [0, 0]. The critical
+value is the conservative order statistic of the B maxima. ``tests/test_fairness_
+simultaneous.py`` checks joint coverage by simulation, tiny groups and rates near 0 and 1
+included, and ``benchmarks/bench_audit_calibration.py`` the share of fair models flagged.
 """
 
 from __future__ import annotations
