@@ -14,7 +14,6 @@ from audits.fairness.audit import AuditSettings
 from audits.fairness.pipeline import fairness_audit
 from fairness_helpers import write
 from safelm.cli import main
-from safelm.errors import UserError
 
 FAST = AuditSettings(n_boot=200)
 

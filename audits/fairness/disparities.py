@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .comparisons import Pending, Side, flag, judge, test_scale
+from .comparisons import Pending, Side, detectable, flag, judge, test_scale
 from .simultaneous import percentile
 
 OVERALL = "overall"
@@ -79,7 +79,8 @@ def pairs(pend: Pending, name: str, keys: list[tuple[str, ...]], cols: tuple[str
           p: Arrays, r: Arrays, m: str, metric: str, prop: bool, keep: np.ndarray,
           thresholds: dict[str, float | None],
           kinds: tuple[str, ...] = ("difference", "ratio"),
-          sigma2: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+          sigma2: dict[str, float] | None = None
+          ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every pair of kept groups (higher point value first) and the slice's range entries
     ({kind: entry}), whose marginal interval is that of the extreme pair (as before) and
     whose simultaneous interval is set by :func:`finish_ranges`."""
@@ -140,7 +141,6 @@ def finish_ranges(ranges: list[dict[str, Any]], simultaneous: bool) -> None:
 
 
 def _verdict(e: dict[str, Any], simultaneous: bool) -> None:
-    from .comparisons import detectable
     used = e["ci_simultaneous"] if simultaneous else e["ci"]
     e["flagged"] = flag(e["kind"], used, e["threshold"])
     e["status"] = judge(e["kind"], used, e["threshold"])

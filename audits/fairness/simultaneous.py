@@ -29,9 +29,10 @@ estimated at a value far from the truth, so every se is floored by analytic ones
 Jeffreys-smoothed proportions ((x + 1/2) / (n + 1)) and pooled under parity, as in a score
 test (``comparisons.test_scale``); ratios are studentized on the log scale with the same
 smoothing, so a rate of 0 gives a finite, wide interval instead of [0, 0]. The critical
-value is the conservative order statistic of the B maxima. ``tests/test_fairness_
-simultaneous.py`` checks joint coverage by simulation, tiny groups and rates near 0 and 1
-included, and ``benchmarks/bench_audit_calibration.py`` the share of fair models flagged.
+value is the conservative order statistic of the B maxima.
+``tests/test_fairness_simultaneous.py`` checks joint coverage by simulation, tiny groups and
+rates near 0 and 1 included; ``benchmarks/bench_audit_calibration.py`` measures the share of
+fair models flagged.
 """
 
 from __future__ import annotations
