@@ -134,27 +134,35 @@ def main() -> None:
     ap.add_argument("--power-audits", type=int, default=60, help="audits per power scenario")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="a small run (the test's)")
+    ap.add_argument("--null", action="append", default=[], metavar="GROUPS:ROWS",
+                    help="only these null scenarios (e.g. 48:2000), no power table")
+    ap.add_argument("--seed", type=int, default=1000, help="seed of the first null scenario")
     a = ap.parse_args()
     groups, sizes, gaps, psizes = [2, 6, 24, 48], [30, 150, 2000], [0.05, 0.1, 0.15, 0.2], \
         [100, 500, 2000]
     if a.quick:
         a.audits, a.power_audits, a.n_boot = 20, 10, 100
         groups, sizes, gaps, psizes = [2, 24], [30, 150], [0.2], [500]
+    scenarios = list(itertools.product(groups, sizes))
+    if a.null:
+        scenarios = [tuple(int(x) for x in spec.split(":")) for spec in a.null]
+        gaps = []
     t0 = time.perf_counter()
     print(f"null: fair predictions; fraction of audits flagging anything (95% Clopper-Pearson),"
           f" n_boot={a.n_boot}, {a.audits} audits per scenario")
     print(f"{'groups':>6} {'rows/cell':>9} | {'sim, t=0':>22} | {'sim, default':>22} | "
           f"{'marginal, t=0':>22} | ok")
     nulls = []
-    for i, (g, s) in enumerate(itertools.product(groups, sizes)):
-        r = null_scenario(g, s, a.audits, a.n_boot, seed=1000 + i)
+    for i, (g, s) in enumerate(scenarios):
+        r = null_scenario(g, s, a.audits, a.n_boot, seed=a.seed + i)
         nulls.append(r)
         cell = (lambda x: f"{x['rate']:.3f} [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}]")
         print(f"{g:>6} {s:>9} | {cell(r['sim_t0']):>22} | {cell(r['sim_default']):>22} | "
               f"{cell(r['marginal_t0']):>22} | {'yes' if r['pass'] else 'NO'}", flush=True)
-    print(f"\npower: one group of n rows among five of 2,000 with a planted gap; detection "
-          f"rate, {a.power_audits} audits per scenario (simultaneous intervals)")
-    print(f"{'metric':>14} {'gap':>5} {'rows':>5} | {'t=0':>5} | {'default t=0.1':>13}")
+    if gaps:
+        print(f"\npower: one group of n rows among five of 2,000 with a planted gap; "
+              f"detection rate, {a.power_audits} audits per scenario (simultaneous intervals)")
+        print(f"{'metric':>14} {'gap':>5} {'rows':>5} | {'t=0':>5} | {'default t=0.1':>13}")
     powers = []
     for j, (m, gap, s) in enumerate(itertools.product(["selection_rate", "tpr"], gaps,
                                                          psizes)):
