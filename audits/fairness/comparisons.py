@@ -159,7 +159,7 @@ class Pending:
         thresholds = np.array([e["threshold"] is not None or self.all_in_family
                                for e in entries], bool)
         family = eligible & thresholds
-        se = self.maxt.add(theta, reps, floor, family)
+        se = self.maxt.add(theta, reps, floor, family, analytic=prop)
         lo_hi = percentile(reps, self.maxt.level)
         z = marginal_z(self.maxt.level)
         lo = np.fmin(lo_hi[0], theta - z * floor)

@@ -87,24 +87,37 @@ class MaxT:
 
     def __init__(self, level: float, n_boot: int):
         self.level = level
-        self.tmax = np.full(n_boot, -np.inf)
+        self.tmax = np.full(n_boot // 2, -np.inf)  # the odd replicates; see ``add``
         self.size = 0
 
     def add(self, theta: np.ndarray, reps: np.ndarray, floor: np.ndarray | None = None,
-            family: np.ndarray | None = None) -> np.ndarray:
+            family: np.ndarray | None = None, analytic: bool = False) -> np.ndarray:
+        """``analytic``: ``floor`` is the standard error itself (proportions: from counts),
+        the replicates' spread is not used for it. Why both this and the even/odd split: a
+        se estimated from B replicates carries Monte-Carlo noise (about 1/sqrt(2B)
+        relative), which the observed statistic feels and replicates normalized by their own
+        spread do not; over thousands of comparisons that made fair models flag slightly
+        more often than the level allows (6.6% at 48 groups, tolerance 0, n_boot 200)."""
         theta = np.asarray(theta, float)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            se = np.nanstd(reps, axis=0, ddof=1) if len(reps) > 1 else np.zeros_like(theta)
+            # the bootstrap se from the even replicates, the maxima from the odd ones: a
+            # replicate normalized by a spread it helped estimate has thinner tails than
+            # the observed statistic, whose se it did not shape
+            even = reps[0::2]
+            se = np.nanstd(even, axis=0, ddof=1) if len(even) > 1 else np.zeros_like(theta)
         se = np.where(np.isfinite(se), se, np.nan)
         if floor is not None:
-            se = np.fmax(se, np.asarray(floor, float))
+            floor = np.asarray(floor, float)
+            use = analytic & np.isfinite(floor) & (floor > 0)
+            se = np.where(use, floor, np.fmax(se, floor))
         fam = np.isfinite(theta) & (se > 0)
         if family is not None:
             fam &= np.asarray(family, bool)
         if fam.any():
+            odd = reps[1::2][: len(self.tmax)]
             with np.errstate(all="ignore"):
-                t = np.abs(reps[:, fam] - theta[fam]) / se[fam]
+                t = np.abs(odd[:, fam] - theta[fam]) / se[fam]
             t = np.where(np.isfinite(t), t, -np.inf)
             self.tmax = np.maximum(self.tmax, t.max(axis=1))
             self.size += int(fam.sum())
