@@ -67,8 +67,9 @@ __all__ = ["HIGHER_IS_WORSE", "OVERALL", "AuditSettings", "Thresholds", "run_aud
 NO_DISPARITY = ("fnr",)
 ERROR_CONTROL = ("simultaneous", "none")
 METHOD = ("studentized max-t bootstrap (single step) over every comparison that can be "
-          "flagged, resampling rows within intersectional cells; standard errors floored "
-          "by Jeffreys-smoothed and pooled (score-type) ones")
+          "flagged, resampling rows within intersectional cells; standard errors of "
+          "proportions from Jeffreys-smoothed and pooled (score-type) counts, of other "
+          "metrics from half the replicates (floored), maxima from the other half")
 METHOD_REFERENCE = ("Westfall & Young, Resampling-Based Multiple Testing (1993); Romano & "
                     "Wolf, JASA 100 (2005) 94-108")
 

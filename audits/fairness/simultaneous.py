@@ -28,8 +28,11 @@ error collapses (a group whose 15 positives were all found has TPR 1 and se 0) o
 estimated at a value far from the truth, so every se is floored by analytic ones: from the
 Jeffreys-smoothed proportions ((x + 1/2) / (n + 1)) and pooled under parity, as in a score
 test (``comparisons.test_scale``); ratios are studentized on the log scale with the same
-smoothing, so a rate of 0 gives a finite, wide interval instead of [0, 0]. The critical
-value is the conservative order statistic of the B maxima.
+smoothing, so a rate of 0 gives a finite, wide interval instead of [0, 0]. Proportions are
+studentized by that count-based se alone; other metrics by the spread of the even-numbered
+replicates (floored), while the maxima come from the odd-numbered ones, so the replicates do
+not normalize themselves by a spread they helped estimate. The critical value is the
+conservative order statistic of the B/2 maxima.
 ``tests/test_fairness_simultaneous.py`` checks joint coverage by simulation, tiny groups and
 rates near 0 and 1 included; ``benchmarks/bench_audit_calibration.py`` measures the share of
 fair models flagged.
