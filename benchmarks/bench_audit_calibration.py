@@ -23,7 +23,7 @@ The audit core is called in process (``audits.fairness.audit.run_audit`` with
 ``check=False``: no fairlearn MetricFrame cross-check, which does not change any interval).
 n_boot = 200 resamples per audit (the critical value is a 95% quantile of 200 maxima;
 Monte-Carlo error in it is part of what the null fractions measure), 200 audits per null
-scenario, 60 per power scenario: about 7 minutes on 2 cores.
+scenario, 60 per power scenario: 7 to 12 minutes on 2 shared cores.
 Run: ``.venv/bin/python benchmarks/bench_audit_calibration.py [--quick]``.
 """
 
