@@ -31,7 +31,8 @@ def test_planted_bias_is_flagged(files):
     assert hit and hit[0]["worse_off"] and hit[0]["ci"][1] < 0.8
     assert _flagged(rep, "tpr", "female*old", "difference")
     dp = [d for d in rep["disparities"] if d["metric"] == "demographic_parity"
-          and d["slice"] == "gender*age_group" and d["kind"] == "difference"][0]
+          and d["slice"] == "gender*age_group" and d["kind"] == "difference"
+          and d["scope"] == "range"][0]
     assert dp["flagged"] and dp["min_group"] == "female*old"
     assert rep["summary"]["flagged"][0].startswith("female*old")
     # groups the bias does not touch are not flagged as worse off on selection rate
@@ -56,6 +57,10 @@ def test_threshold_optimizer_narrows_the_gap(files):
     gap = dp["disparities"]["demographic_parity_difference"]
     assert gap["after"]["value"] < 0.5 * gap["before"]["value"]
     assert gap["after"]["ci"][1] < gap["before"]["ci"][0]
+    # with every pair of groups in one max-t family, the planted gap is still certain
+    assert gap["before"]["ci_simultaneous"][0] > 0.1
+    lo, hi = gap["after"]["ci_simultaneous"]
+    assert lo <= gap["after"]["value"] <= hi
     odds = eo["disparities"]["equalized_odds_difference"]
     assert odds["after"]["value"] < 0.5 * odds["before"]["value"]
     old_f = [g for g in dp["by_group"] if g["label"] == "female*old"][0]

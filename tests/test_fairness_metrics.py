@@ -65,7 +65,7 @@ def test_overall_and_fairlearn_disparities(binary_report):
     y, p = (df["y_true"] == "yes").astype(int), (df["y_pred"] == "yes").astype(int)
     sf = df[["g1", "g2"]]
     dp = {d["kind"]: d for d in report["disparities"] if d["metric"] == "demographic_parity"
-          and d["slice"] == "g1*g2"}
+          and d["slice"] == "g1*g2" and d.get("scope") == "range"}
     eo = [d for d in report["disparities"] if d["metric"] == "equalized_odds"
           and d["slice"] == "g1*g2" and d["kind"] == "difference"][0]
     assert dp["difference"]["value"] == pytest.approx(

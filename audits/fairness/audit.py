@@ -4,37 +4,41 @@ disparities with thresholds, as the report.json of docs/design.md.
 Slices: every attribute alone and every intersection of attributes (all subsets for up to
 three attributes; beyond that each attribute and the full intersection).
 
-Disparities, each with a bootstrap interval from the same resamples as the group values:
+Disparities (``disparities.py``), each with a marginal interval ``ci`` and a simultaneous
+one ``ci_simultaneous`` from the same resamples as the group values:
 
 * ``reference: "overall"``: each group against the whole table, ``difference`` (group -
   overall) and ``ratio`` (group / overall);
-* ``reference: "between_groups"``: the range over a slice's groups, ``difference``
-  (max - min) and ``ratio`` (min / max), including demographic parity (selection rates) and
-  equalized odds (the worse of the TPR and FPR ranges) for binary tasks. The interval is that
-  of the difference (ratio) between the two groups that are highest and lowest in the data,
-  from the same resamples. Why not the percentile interval of the resampled max - min: the
-  maximum over many noisy groups is biased upward, so that interval can exclude the point
-  value itself; on the bias-free corpus it flagged demographic parity (0.05, [0.11, 0.29]).
+* ``reference: "group"`` (``--reference COL=VALUE``): each group of a slice against the
+  reference group (AIF360's privileged group; the comparison group of disparate-impact
+  practice); in such a slice the four-fifths rule uses the reference's selection rate;
+* ``reference: "between_groups"``: every pair of groups that are not small (``scope:
+  "pair"``, the higher group first) and per slice the range over groups (``scope:
+  "range"``: max - min, min / max; demographic parity and equalized odds for binary tasks).
 
-Flagging: a disparity is flagged only when its whole interval lies beyond the tolerance:
-a difference whose interval lies outside ``[-t, t]``, a ratio whose interval lies outside
-``[r, 1/r]``. Defaults (:class:`Thresholds`): difference tolerance 0.1 for every
-classification metric; ratio threshold 0.8 (the four-fifths rule) for selection rates,
-demographic parity and perplexity; other ratios are reported but not flagged.
+Error control (``simultaneous.py``): the intervals of every comparison that can be flagged
+hold jointly at the stated level (studentized max-t bootstrap, resampling within the
+intersectional cells), and ``flagged`` uses them (``--error-control none``: the marginal
+ones). A disparity is flagged only when its whole interval lies beyond the tolerance: a
+difference outside ``[-t, t]``, a ratio outside ``[r, 1/r]``. Defaults (:class:`Thresholds`):
+difference tolerance 0.1 for every classification metric; ratio threshold 0.8 (the
+four-fifths rule) for selection rates, demographic parity and perplexity; other ratios are
+reported but not flagged. Every disparity and group has a ``status`` (``comparisons.py``):
+flagged, within_tolerance, not_flagged, insufficient_data or not_judged.
 
 Proportion metrics (accuracy, selection rate, TPR, FPR, FNR): a percentile bootstrap
-collapses at 0 and 1 (a group whose positives were all found has the interval [1, 1]) and
-understates the uncertainty of tiny groups (a group of one), so their intervals, and those of
-their disparities to overall, are the union of the bootstrap interval and the Jeffreys
-interval. FNR is 1 - TPR, so its disparities would repeat TPR's and are not listed.
+collapses at 0 and 1 and understates the uncertainty of tiny groups, so a group's interval
+is joined with the Jeffreys interval, and a disparity's standard error is floored by one
+from Jeffreys-smoothed counts. FNR is 1 - TPR, so its disparities would repeat TPR's and are
+not listed.
 
 Small groups (``n < min_group_size``, default 30) are kept and marked ``"small": true``; their
-metrics that are not proportions are never flagged, and the between-groups ranges are taken
-over the groups that are not small (a group of three makes any range meaningless).
+metrics that are not proportions are never flagged, and pairs and ranges between groups are
+taken over the groups that are not small (a group of three makes any range meaningless).
 
-``worse_off`` on a disparity to overall says whether the group is on the bad side of the
-metric: lower accuracy, TPR, selection rate (taking the positive label as the favourable
-outcome), higher FPR, calibration error or perplexity.
+``worse_off`` on a disparity to overall (or to the reference) says whether the group is on
+the bad side of the metric: lower accuracy, TPR, selection rate (taking the positive label as
+the favourable outcome), higher FPR, calibration error or perplexity.
 """
 
 from __future__ import annotations
@@ -49,13 +53,25 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 from scipy.stats import beta
 
+from safelm.errors import UserError
+
 from .bootstrap import Engine
-from .metrics import metric_defs, metric_functions, sample_param_names
+from .comparisons import Pending
+from .disparities import (HIGHER_IS_WORSE, OVERALL, equalized_odds, finish_ranges,
+                          group_status, pairs, pooled_variance, side, to_other)
+from .metrics import atom_metric_functions, metric_defs
+from .simultaneous import MaxT
 from .table import PredTable
 
-OVERALL = "overall"
-HIGHER_IS_WORSE = ("fpr", "fnr", "calibration_error", "perplexity")
+__all__ = ["HIGHER_IS_WORSE", "OVERALL", "AuditSettings", "Thresholds", "run_audit"]
 NO_DISPARITY = ("fnr",)
+ERROR_CONTROL = ("simultaneous", "none")
+METHOD = ("studentized max-t bootstrap (single step) over every comparison that can be "
+          "flagged, resampling rows within intersectional cells; standard errors of "
+          "proportions from Jeffreys-smoothed and pooled (score-type) counts, of other "
+          "metrics from half the replicates (floored), maxima from the other half")
+METHOD_REFERENCE = ("Westfall & Young, Resampling-Based Multiple Testing (1993); Romano & "
+                    "Wolf, JASA 100 (2005) 94-108")
 
 
 @dataclass
@@ -83,6 +99,8 @@ class AuditSettings:
     seed: int = 0
     min_group_size: int = 30
     thresholds: Thresholds = field(default_factory=Thresholds)
+    error_control: str = "simultaneous"  # or "none": flags use the marginal intervals
+    references: dict[str, str] = field(default_factory=dict)  # column -> reference value
 
 
 @dataclass
@@ -116,20 +134,29 @@ def make_slices(df: pd.DataFrame, sensitive: list[str]) -> Slices:
     return Slices(names, cols, cell, groups, of_cell)
 
 
-def metricframe_values(pt: PredTable, cols: tuple[str, ...]
+def atom_table(pt: PredTable, code: np.ndarray, cont: np.ndarray) -> pd.DataFrame:
+    """One row per (sensitive values, code): ``_code``, ``_count`` and summed ``c0, c1...``
+    (what :func:`metricframe_values` hands to MetricFrame; see ``atom_metric_functions``)."""
+    df = pt.df[pt.sensitive].copy()
+    df["_code"] = code
+    df["_count"] = 1.0
+    for j in range(cont.shape[1]):
+        df[f"c{j}"] = cont[:, j]
+    return df.groupby(pt.sensitive + ["_code"], sort=True, observed=True).sum().reset_index()
+
+
+def metricframe_values(pt: PredTable, cols: tuple[str, ...], atoms: pd.DataFrame
                        ) -> tuple[dict[tuple[str, ...], dict[str, float]], dict[str, float]]:
     """fairlearn's MetricFrame over one slice: ({group key: {metric: value}}, overall)."""
-    funcs = metric_functions(pt.task)
-    params = {p: pt.df[p].to_numpy(float) for p in sample_param_names(pt.task)}
-    # only the metrics that read scores / NLL get them: fairlearn 0.15 converts every
-    # argument element by element (np.stack), which dominates its cost on large tables
-    needs = {m: params for m in funcs if m in ("calibration_error", "perplexity")}
+    funcs = atom_metric_functions(pt.task)
+    conts = {c: atoms[c].to_numpy(float) for c in atoms.columns if c.startswith("c")
+             and c[1:].isdigit()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        mf = MetricFrame(metrics=funcs, y_true=pt.df["y_true"].to_numpy(str),
-                         y_pred=pt.df["y_pred"].to_numpy(str),
-                         sensitive_features=pt.df[list(cols)],
-                         sample_params=needs or None)
+        mf = MetricFrame(metrics=funcs, y_true=atoms["_code"].to_numpy(np.int64),
+                         y_pred=atoms["_count"].to_numpy(float),
+                         sensitive_features=atoms[list(cols)],
+                         sample_params={m: conts for m in funcs} if conts else None)
     keys = [k if isinstance(k, tuple) else (k,) for k in mf.by_group.index]
     by = {tuple(map(str, k)): row for k, row in zip(keys, mf.by_group.to_dict("records"))}
     return by, {m: float(v) for m, v in mf.overall.items()}
@@ -151,15 +178,6 @@ def jeffreys(num: float, den: float, ci: float) -> tuple[float, float]:
     return lo, hi
 
 
-def flag(kind: str, ci: list[float], t: float | None, between: bool = False) -> bool:
-    lo, hi = ci
-    if t is None or not (np.isfinite(lo) and np.isfinite(hi)):
-        return False
-    if kind == "difference":
-        return bool(lo > t or (not between and hi < -t))
-    return bool(hi < t or (not between and lo > 1 / t))
-
-
 def _union(a: list[float], b: tuple[float, float]) -> list[float]:
     if not all(np.isfinite(b)):
         return a
@@ -170,67 +188,171 @@ def group_label(key: tuple[str, ...]) -> str:
     return "*".join(key)
 
 
-def _pair(pv: np.ndarray, rv: np.ndarray, keep: np.ndarray
-          ) -> tuple[int, int, float, float, np.ndarray, np.ndarray] | None:
-    """The highest and lowest kept group of the point values, their difference and ratio,
-    and the same for that fixed pair in every replicate ([B])."""
-    masked = np.where(keep, pv, np.nan)
-    if np.isfinite(masked).sum() < 2:
-        return None
-    hi, lo = int(np.nanargmax(masked)), int(np.nanargmin(masked))
-    with np.errstate(all="ignore"):
-        q = pv[lo] / pv[hi] if pv[hi] > 0 else np.nan
-        rq = np.where(rv[:, hi] > 0, rv[:, lo] / np.where(rv[:, hi] > 0, rv[:, hi], 1), np.nan)
-    return hi, lo, float(pv[hi] - pv[lo]), float(q), rv[:, hi] - rv[:, lo], rq
+def reference_groups(pt: PredTable, sl: Slices, n: dict[str, np.ndarray],
+                     st: AuditSettings) -> tuple[dict[str, int], list[str]]:
+    """Validate ``--reference COL=VALUE`` and find each slice's reference group: a slice
+    has one when every column of it has a reference (for an intersection, the combination;
+    skipped, with a note, when that combination has fewer than min_group_size rows)."""
+    refs = st.references
+    for col, val in refs.items():
+        if col not in pt.sensitive:
+            raise UserError(f"--reference {col}={val}: {col!r} is not a --sensitive column "
+                            f"(sensitive columns: {', '.join(pt.sensitive)}); name one of "
+                            "them, or add it to --sensitive")
+        values = sorted(pt.df[col].unique())
+        if val not in values:
+            raise UserError(f"--reference {col}={val}: column {col!r} has no group {val!r} "
+                            f"(its groups: {', '.join(values[:30])}"
+                            f"{' ...' if len(values) > 30 else ''}); fix the value")
+        rows = int((pt.df[col] == val).sum())
+        if rows < st.min_group_size:
+            raise UserError(f"--reference {col}={val}: that group has {rows} rows, fewer than "
+                            f"--min-group-size {st.min_group_size}, too few to compare "
+                            "against; choose a larger reference group or lower "
+                            "--min-group-size")
+    out, notes = {}, []
+    for name in sl.names:
+        cols = sl.cols[name]
+        if not refs or not all(c in refs for c in cols):
+            continue
+        key = tuple(refs[c] for c in cols)
+        if key not in sl.groups[name]:
+            notes.append(f"{name}: no rows in the reference combination {group_label(key)}")
+            continue
+        gi = sl.groups[name].index(key)
+        if n[name][gi] < st.min_group_size:
+            notes.append(f"{name}: reference combination {group_label(key)} has "
+                         f"{int(n[name][gi])} rows (< {st.min_group_size}); compared to "
+                         "overall only")
+            continue
+        out[name] = gi
+    return out, notes
 
 
-def run_audit(pt: PredTable, settings: AuditSettings) -> dict[str, Any]:
-    """Everything report.json holds except ``inputs``/``versions`` (see ``report.py``)."""
+def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dict[str, Any]:
+    """Everything report.json holds except ``inputs``/``versions`` (see ``report.py``).
+
+    ``check=False`` skips fairlearn's MetricFrame (the values then come from the engine
+    alone; they are identical, which ``check=True`` verifies): the calibration benchmark
+    runs thousands of audits through this core.
+    """
     task, st = pt.task, settings
+    if st.error_control not in ERROR_CONTROL:
+        raise UserError(f"--error-control {st.error_control!r}: choose "
+                        f"{' or '.join(ERROR_CONTROL)}")
     metrics = metric_defs(task)
     names = [m.name for m in metrics]
     props = {m.name for m in metrics if m.proportion is not None}
     sl = make_slices(pt.df, pt.sensitive)
     code, cont = pt.encoded()
+    atoms = atom_table(pt, code, cont) if check else None
     engine = Engine(task, metrics, sl.cell, sl.of_cell, code, cont)
-    point, reps = engine.point(), engine.bootstrap(st.n_boot, st.seed)
-    by_group, disparities = [], []
-    ov_point = {m: float(point[OVERALL][0][m][0]) for m in names}
-    ov_ci = {m: quantiles(reps[OVERALL][0][m][:, 0], st.ci).tolist() for m in names}
+    point = engine.point()
+    refs, ref_notes = reference_groups(
+        pt, sl, {s: point[s][0]["n"] for s in sl.names}, st)
+    reps = engine.bootstrap(st.n_boot, st.seed, stratified=True)
+    pend = Pending(MaxT(st.ci, st.n_boot), st.error_control == "simultaneous")
+    ov, rov = point[OVERALL][0], reps[OVERALL][0]
+    by_group, disparities, ranges, subject = [], [], [], {}
     for name in sl.names:
-        by, overall = metricframe_values(pt, sl.cols[name])
-        _check_agreement(by, overall, point[name][0], point[OVERALL][0], sl.groups[name], names)
-        p, r = point[name][0], reps[name][0]
+        p, r, keys, cols = point[name][0], reps[name][0], sl.groups[name], sl.cols[name]
+        if check:
+            by, overall = metricframe_values(pt, cols, atoms)
+            _check_agreement(by, overall, p, ov, keys, names)
         n = p["n"].astype(int)
         small = n < st.min_group_size
-        for gi, key in enumerate(sl.groups[name]):
-            entry = {"slice": name, "group": dict(zip(sl.cols[name], key)),
-                     "label": group_label(key), "n": int(n[gi]), "small": bool(small[gi]),
-                     "metrics": {}}
+        entries = []
+        for gi, key in enumerate(keys):
+            e = {"slice": name, "group": dict(zip(cols, key)), "label": group_label(key),
+                 "n": int(n[gi]), "small": bool(small[gi]), "metrics": {}}
             for m in names:
-                value = float(by[key][m])
+                value = float(by[key][m]) if check else float(p[m][gi])
                 ci = quantiles(r[m][:, gi], st.ci).tolist()
-                jl = jeffreys(p[f"{m}:num"][gi], p[f"{m}:den"][gi], st.ci) if m in props else (
-                    np.nan, np.nan)
                 if m in props:
-                    ci = _union(ci, jl)
-                entry["metrics"][m] = {"value": value, "ci": ci}
-                if m in NO_DISPARITY:
-                    continue
-                disparities += _to_overall(name, entry, m, value, r[m][:, gi],
-                                           reps[OVERALL][0][m][:, 0], ov_point[m], jl,
-                                           bool(small[gi]), m in props, st)
-            by_group.append(entry)
-        disparities += _between(name, sl.groups[name], p, r, ~small, task.kind, names, st)
+                    ci = _union(ci, jeffreys(p[f"{m}:num"][gi], p[f"{m}:den"][gi], st.ci))
+                e["metrics"][m] = {"value": value, "ci": ci}
+            entries.append(e)
+            subject[(name, gi)] = []
+        groups = [{"group": e["group"], "label": e["label"], "n": e["n"], "small": e["small"]}
+                  for e in entries]
+        idx = np.arange(len(keys))
+        ref = refs.get(name)
+        slice_ranges: dict[str, dict[str, dict[str, Any]]] = {}
+        for m in names:
+            if m in NO_DISPARITY:
+                continue
+            prop = m in props
+            eligible = prop | ~small
+            t = {k: st.thresholds.get(m, k) for k in ("difference", "ratio")}
+            s2 = None if prop else pooled_variance(rov[m][:, 0], len(pt.df))
+            t_ov = dict(t)
+            if ref is not None and m.startswith("selection_rate"):
+                t_ov["ratio"] = None  # the four-fifths rule compares with the reference
+            ds = to_other(pend, {"slice": name, "reference": OVERALL}, groups, m, prop,
+                          side(p, r, m, idx, prop),
+                          side(ov, rov, m, np.zeros(len(keys), np.int64), prop),
+                          True, eligible, t_ov, "overall_value", s2)
+            if ref is not None:
+                o = idx[idx != ref]
+                base = {"slice": name, "reference": "group",
+                        "reference_group": dict(zip(cols, keys[ref])),
+                        "reference_label": group_label(keys[ref])}
+                ds += to_other(pend, base, [groups[i] for i in o], m, prop,
+                               side(p, r, m, o, prop), side(p, r, m, np.full(len(o), ref),
+                                                             prop),
+                               False, eligible[o], t, "reference_value", s2)
+            for d in ds:
+                subject[(name, keys.index(tuple(d["group"].values())))].append(d)
+            metric = "demographic_parity" if m == "selection_rate" and task.kind == "binary" \
+                else m
+            tb = {k: st.thresholds.get(metric, k) for k in ("difference", "ratio")}
+            pair_ds, rng = pairs(pend, name, keys, cols, p, r, m, metric, prop, ~small, tb,
+                                 sigma2=s2)
+            # pairs are listed where a tolerance applies (the others still shape the
+            # range entries' intervals; report.json would triple in size with them)
+            disparities += ds + [d for d in pair_ds if d["threshold"] is not None]
+            if rng:
+                slice_ranges[m] = rng
+        ranges.append((name, slice_ranges))
+        by_group += entries
+    c = pend.finish()
+    simultaneous = st.error_control == "simultaneous"
+    for name, slice_ranges in ranges:
+        for m, rng in slice_ranges.items():
+            finish_ranges(list(rng.values()), simultaneous)
+            disparities += list(rng.values())
+        if task.kind == "binary" and "tpr" in slice_ranges and "fpr" in slice_ranges:
+            t = {k: st.thresholds.get("equalized_odds", k) for k in ("difference", "ratio")}
+            disparities += equalized_odds(name, slice_ranges["tpr"], slice_ranges["fpr"],
+                                          st.ci, t, simultaneous)
+        for rng in slice_ranges.values():
+            for e in rng.values():
+                e.pop("_reps", None)
+    for d in disparities:
+        d["flags_use"] = "ci_simultaneous" if simultaneous else "ci"
+    keys_of = {name: sl.groups[name] for name in sl.names}
+    for e in by_group:
+        group_status(e, subject[(e["slice"], keys_of[e["slice"]].index(
+            tuple(e["group"].values())))])
     return {"task": task.kind, "labels": list(task.labels), "pos_label": task.pos_label,
             "sensitive": pt.sensitive, "slices": sl.names, "metrics": names,
             "by_group": by_group, "disparities": disparities,
-            "overall": {"n": len(pt.df), "metrics": {m: {"value": ov_point[m], "ci": ov_ci[m]}
-                                                     for m in names}},
+            "overall": {"n": len(pt.df), "metrics": {
+                m: {"value": float(ov[m][0]), "ci": quantiles(rov[m][:, 0], st.ci).tolist()}
+                for m in names}},
             "settings": {"n_boot": st.n_boot, "ci": st.ci, "seed": st.seed,
                          "min_group_size": st.min_group_size, "n_bins": task.n_bins,
-                         "bootstrap": "multinomial over group-cell counts (audits/fairness/"
-                                      "bootstrap.py)",
+                         "bootstrap": "multinomial over group-cell counts, within each "
+                                      "intersectional cell (audits/fairness/bootstrap.py)",
+                         "error_control": {
+                             "mode": st.error_control, "method": METHOD,
+                             "reference": METHOD_REFERENCE, "critical_value": c,
+                             "family_size": pend.maxt.size,
+                             "flags_use": "ci_simultaneous" if simultaneous else "ci"},
+                         "references": {"groups": dict(st.references),
+                                        "slices": {s: group_label(sl.groups[s][gi])
+                                                   for s, gi in refs.items()},
+                                        "notes": ref_notes},
                          "thresholds": {"difference": st.thresholds.difference,
                                         "ratio": st.thresholds.ratio,
                                         "overrides": {f"{k[0]}:{k[1]}": v for k, v in
@@ -252,57 +374,3 @@ def _check_agreement(by: dict[tuple[str, ...], dict[str, float]], overall: dict[
         raise RuntimeError("bootstrap engine and MetricFrame disagree on a point value")
 
 
-def _to_overall(name: str, entry: dict[str, Any], m: str, value: float, r: np.ndarray,
-                r_ov: np.ndarray, ov: float, jl: tuple[float, float], small: bool,
-                prop: bool, st: AuditSettings) -> list[dict[str, Any]]:
-    out = []
-    for kind in ("difference", "ratio"):
-        with np.errstate(all="ignore"):
-            v = value - ov if kind == "difference" else (value / ov if ov else np.nan)
-            reps = r - r_ov if kind == "difference" else np.where(r_ov > 0, r / r_ov, np.nan)
-            ci = quantiles(reps, st.ci).tolist()
-            if prop:
-                j = (jl[0] - ov, jl[1] - ov) if kind == "difference" else (
-                    (jl[0] / ov, jl[1] / ov) if ov else (np.nan, np.nan))
-                ci = _union(ci, j)
-        t = st.thresholds.get(m, kind)
-        worse = bool(value > ov) if m in HIGHER_IS_WORSE else bool(value < ov)
-        out.append({"slice": name, "metric": m, "kind": kind, "reference": OVERALL,
-                    "group": entry["group"], "label": entry["label"], "n": entry["n"],
-                    "small": small, "worse_off": worse, "group_value": value,
-                    "overall_value": ov,
-                    "value": float(v), "ci": ci, "threshold": t,
-                    "flagged": flag(kind, ci, t) and (prop or not small)})
-    return out
-
-
-def _between(name: str, keys: list[tuple[str, ...]], p: dict[str, np.ndarray],
-             r: dict[str, np.ndarray], keep: np.ndarray, kind: str, names: list[str],
-             st: AuditSettings) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-
-    def add(metric: str, k: str, v: float, reps: np.ndarray, extra: dict[str, Any]) -> None:
-        ci = quantiles(reps, st.ci).tolist()
-        t = st.thresholds.get(metric, k)
-        out.append({"slice": name, "metric": metric, "kind": k, "reference": "between_groups",
-                    "value": float(v), "ci": ci, "threshold": t,
-                    "flagged": flag(k, ci, t, between=True), **extra})
-
-    pairs = {m: _pair(p[m], r[m], keep) for m in names if m not in NO_DISPARITY}
-    for m, pr in pairs.items():
-        if pr is None:
-            continue
-        hi, lo, d, q, rd, rq = pr
-        extra = {"max_group": group_label(keys[hi]), "min_group": group_label(keys[lo])}
-        metric = "demographic_parity" if m == "selection_rate" and kind == "binary" else m
-        add(metric, "difference", d, rd, extra)
-        add(metric, "ratio", q, rq, extra)
-    if kind == "binary" and pairs.get("tpr") and pairs.get("fpr"):
-        t, f = pairs["tpr"], pairs["fpr"]
-        via, w = ("tpr", t) if t[2] >= f[2] else ("fpr", f)
-        extra = {"via": via, "max_group": group_label(keys[w[0]]),
-                 "min_group": group_label(keys[w[1]])}
-        add("equalized_odds", "difference", max(t[2], f[2]), np.fmax(t[4], f[4]), extra)
-        add("equalized_odds", "ratio", np.nanmin([t[3], f[3]]), np.fmin(t[5], f[5]),
-            {"via": "tpr" if t[3] <= f[3] else "fpr"})
-    return out

@@ -81,16 +81,42 @@ def make_atoms(cell: np.ndarray, code: np.ndarray, cont: np.ndarray,
     return Atoms(uniq[:, 0], uniq[:, 1:], n, sums, sqrt_cov, exact, cont[rows], start)
 
 
-def resample(atoms: Atoms, n_boot: int, rng: np.random.Generator, chunk: int
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (counts [b, A], sums [b, A, C]) for chunks of bootstrap replicates."""
+def _strata(atoms: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cells as strata: (rows per cell [S], atom probabilities within the cell [S, K],
+    cell of each atom [A], position of each atom in its cell [A])."""
+    _, inv = np.unique(atoms.cell, return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(inv, kind="stable")
+    sizes = np.bincount(inv)
+    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos = np.empty(len(inv), np.int64)
+    pos[order] = np.arange(len(inv)) - start[inv[order]]
+    n_cell = np.bincount(inv, atoms.n).astype(np.int64)
+    probs = np.zeros((len(sizes), int(sizes.max())))
+    probs[inv, pos] = atoms.n / n_cell[inv]
+    return n_cell, probs, inv, pos
+
+
+def resample(atoms: Atoms, n_boot: int, rng: np.random.Generator, chunk: int,
+             stratified: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (counts [b, A], sums [b, A, C]) for chunks of bootstrap replicates.
+
+    ``stratified``: resample the rows of each finest cell within the cell (every group keeps
+    its size, as in a bootstrap conditional on the group sizes); otherwise draw N rows from
+    the whole table.
+    """
     total, c = int(atoms.n.sum()), atoms.sums.shape[1]
     p = atoms.n / total
     mean = atoms.sums / atoms.n[:, None]
     ex = np.flatnonzero(atoms.exact)
+    strata = _strata(atoms) if stratified else None
     for lo in range(0, n_boot, chunk):
         b = min(chunk, n_boot - lo)
-        counts = rng.multinomial(total, p, size=b)  # [b, A]: exactly the row bootstrap
+        if strata is None:
+            counts = rng.multinomial(total, p, size=b)  # [b, A]: exactly the row bootstrap
+        else:  # [b, S, K] -> [b, A]: exactly the row bootstrap within each cell
+            n_cell, probs, inv, pos = strata
+            counts = rng.multinomial(n_cell, probs, size=(b, len(n_cell)))[:, inv, pos]
         z = rng.standard_normal((b, len(p), c))
         sums = (counts[..., None] * mean
                 + np.sqrt(counts)[..., None] * np.einsum("bac,adc->bad", z, atoms.sqrt_cov))
@@ -159,13 +185,15 @@ class Engine:
         return {s: {v: {k: x[0] for k, x in d.items()} for v, d in vs.items()}
                 for s, vs in res.items()}
 
-    def bootstrap(self, n_boot: int, seed: int = 0) -> Values:
-        """Metrics of ``n_boot`` row-bootstrap resamples: arrays [n_boot, G]."""
+    def bootstrap(self, n_boot: int, seed: int = 0, stratified: bool = False) -> Values:
+        """Metrics of ``n_boot`` row-bootstrap resamples: arrays [n_boot, G]; ``stratified``
+        resamples within the finest cells (see :func:`resample`)."""
         rng = np.random.default_rng(seed)
         a = len(self.atoms.n)
         width = max([a * (1 + self.atoms.sums.shape[1]), len(self.atoms.exact_vals)]
                     + [m.shape[1] for m in self._proj.values()])
         chunk = int(max(1, min(n_boot, 20_000_000 // max(width, 1))))
-        parts = [self._evaluate(c, s) for c, s in resample(self.atoms, n_boot, rng, chunk)]
+        parts = [self._evaluate(c, s) for c, s in resample(self.atoms, n_boot, rng, chunk,
+                                                                 stratified)]
         return {s: {v: {k: np.concatenate([p[s][v][k] for p in parts]) for k in d}
                     for v, d in vs.items()} for s, vs in parts[0].items()}

@@ -40,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", action="append", default=[], metavar="METRIC:KIND=VALUE",
                    help="override one tolerance, e.g. tpr:difference=0.05 or "
                    "accuracy:ratio=0.9; VALUE 'none' never flags it (repeatable)")
+    p.add_argument("--reference", action="append", default=[], metavar="COL=VALUE",
+                   help="compare every group of COL with this reference group (difference "
+                   "and ratio; the four-fifths rule then uses its selection rate); "
+                   "repeatable, one per column")
+    p.add_argument("--error-control", choices=("simultaneous", "none"), default="simultaneous",
+                   help="simultaneous (default): flags rest on intervals that hold jointly "
+                   "over every comparison of the report (max-t bootstrap); none: on each "
+                   "comparison's own interval")
     p.add_argument("--compare", metavar="BASELINE.csv", help="predictions of a baseline run "
                    "(e.g. non-private) on the same rows: per-group change with paired intervals")
     p.add_argument("--mitigate", metavar="CONSTRAINT[,...]", help="fit fairlearn's "
@@ -75,12 +83,31 @@ def parse_thresholds(args: argparse.Namespace) -> Thresholds:
     return Thresholds(args.difference_threshold, args.ratio_threshold, overrides)
 
 
+def parse_references(specs: list[str]) -> dict[str, str]:
+    from safelm.errors import UserError
+    out: dict[str, str] = {}
+    for spec in specs:
+        col, sep, value = spec.partition("=")
+        col, value = col.strip(), value.strip()
+        if not sep or not col or not value:
+            raise UserError(f"--reference {spec!r}: write COL=VALUE, e.g. --reference "
+                            "gender=male")
+        if col in out:
+            raise UserError(f"--reference names column {col!r} twice ({out[col]!r} and "
+                            f"{value!r}); give one reference group per column")
+        out[col] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from .audit import AuditSettings
     from .pipeline import fairness_audit
+    from .report import insufficient_line
     settings = AuditSettings(n_boot=args.n_boot, ci=args.ci, seed=args.seed,
                              min_group_size=args.min_group_size,
-                             thresholds=parse_thresholds(args))
+                             thresholds=parse_thresholds(args),
+                             error_control=args.error_control,
+                             references=parse_references(args.reference))
     mitigate = [c.strip() for c in args.mitigate.split(",") if c.strip()] if args.mitigate \
         else None
     report = fairness_audit(args.predictions, args.sensitive, args.out,
@@ -96,6 +123,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s}")
     if len(lines) > 8:
         print(f"  ... and {len(lines) - 8} more (see the report)")
+    refs = report["settings"]["references"]
+    if refs["slices"]:
+        ds = [d for d in report["disparities"] if d["reference"] == "group"
+              and d["threshold"] is not None]
+        where = ", ".join(f"{s}={g}" for s, g in refs["slices"].items())
+        print(f"against the reference group ({where}): {sum(d['flagged'] for d in ds)} of "
+              f"{len(ds)} comparisons flagged")
+    undecided = report["summary"]["insufficient_data"]
+    if undecided:
+        print(f"{len(undecided)} group(s) with insufficient data (neither flagged nor shown "
+              "within tolerance):")
+        for g in undecided[:8]:
+            print(f"  {insufficient_line(g)}")
+        if len(undecided) > 8:
+            print(f"  ... and {len(undecided) - 8} more (see the report)")
     for m in report.get("mitigation") or []:
         dp = m["disparities"]["demographic_parity_difference"]
         print(f"  mitigation {m['constraint']}: demographic parity difference "

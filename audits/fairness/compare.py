@@ -6,7 +6,8 @@ Given predictions of a DP run and of a non-private baseline on the same examples
 evaluates both tables on them, so the large shared variation (which rows are hard) cancels
 and the interval of the change is much narrower than two independent intervals would
 suggest. ``change_vs_overall`` asks whether a group paid more than everyone did on average
-(the disparate impact of DP), with its own paired interval.
+(the disparate impact of DP), with its own paired interval. Both carry a simultaneous
+interval too (the max-t family of all groups and metrics), and ``significant`` uses it.
 
 Mitigation (``mitigate.py``) uses the same machinery for after-versus-before.
 """
@@ -21,9 +22,11 @@ import pandas as pd
 
 from safelm.errors import UserError
 
-from .audit import OVERALL, AuditSettings, group_label, make_slices, quantiles
+from .audit import (METHOD, METHOD_REFERENCE, OVERALL, AuditSettings, group_label,
+                    make_slices, quantiles)
 from .bootstrap import Engine
 from .metrics import MetricDef, Task, encode, metric_defs
+from .simultaneous import MaxT
 from .table import PredTable
 
 
@@ -77,36 +80,70 @@ def _ci(x: np.ndarray, ci: float) -> list[float]:
 
 
 def compare(main: PredTable, base: PredTable, settings: AuditSettings) -> dict[str, Any]:
-    """The ``comparison`` section of report.json: per group, metric, value - baseline."""
+    """The ``comparison`` section of report.json: per group, metric, value - baseline.
+
+    Every change and every change against the overall change is one comparison of a
+    max-t family (``simultaneous.py``), so ``significant`` (the interval excludes 0) holds
+    for all groups and metrics together; ``--error-control none`` uses the marginal ones.
+    No standard-error floor here: a paired change whose replicates never vary means the two
+    tables agree on every row of the group, and its interval [0, 0] then flags nothing.
+    """
     joined = join_tables(main, base)
     has_score = main.task.has_score and "score_b" in joined.columns
     task = replace(main.task, has_score=has_score)
     metrics = metric_defs(task)
     engine, sl = paired_engine(main, joined, task, metrics)
-    point, reps = engine.point(), engine.bootstrap(settings.n_boot, settings.seed + 1)
+    point = engine.point()
+    reps = engine.bootstrap(settings.n_boot, settings.seed + 1, stratified=True)
+    maxt = MaxT(settings.ci, settings.n_boot)
+    pending: list[tuple[dict[str, Any], float, float]] = []
     by_group = []
     ov_change = {m.name: reps[OVERALL][0][m.name][:, 0] - reps[OVERALL][1][m.name][:, 0]
                  for m in metrics}
+    ov_point = {m.name: point[OVERALL][0][m.name][0] - point[OVERALL][1][m.name][0]
+                for m in metrics}
     for name in [OVERALL] + sl.names:
         keys = sl.groups.get(name, [()])
+        entries = []
         for gi, key in enumerate(keys):
             n = int(point[name][0]["n"][gi])
-            entry = {"slice": name, "group": dict(zip(sl.cols.get(name, ()), key)),
-                     "label": group_label(key) if key else OVERALL, "n": n,
-                     "small": n < settings.min_group_size, "metrics": {}}
-            for m in metrics:
-                a, b = point[name][0][m.name][gi], point[name][1][m.name][gi]
-                d = reps[name][0][m.name][:, gi] - reps[name][1][m.name][:, gi]
-                ci = _ci(d, settings.ci)
-                entry["metrics"][m.name] = {
-                    "value": float(a), "baseline": float(b), "change": float(a - b), "ci": ci,
-                    "significant": bool(ci[0] > 0 or ci[1] < 0),
-                    "change_vs_overall": {
-                        "value": float((a - b) - (point[OVERALL][0][m.name][0]
-                                                  - point[OVERALL][1][m.name][0])),
-                        "ci": _ci(d - ov_change[m.name], settings.ci)}}
-            by_group.append(entry)
+            entries.append({"slice": name, "group": dict(zip(sl.cols.get(name, ()), key)),
+                            "label": group_label(key) if key else OVERALL, "n": n,
+                            "small": n < settings.min_group_size, "metrics": {}})
+        for m in metrics:
+            a, b = point[name][0][m.name], point[name][1][m.name]
+            d = reps[name][0][m.name] - reps[name][1][m.name]  # [B, G]
+            vo = d - ov_change[m.name][:, None]
+            se, se_o = maxt.add(a - b, d), maxt.add(a - b - ov_point[m.name], vo)
+            ci, ci_o = _ci(d, settings.ci), _ci(vo, settings.ci)
+            for gi, e in enumerate(entries):
+                cvo = {"value": float((a[gi] - b[gi]) - ov_point[m.name]),
+                       "ci": [ci_o[0][gi], ci_o[1][gi]]}
+                e["metrics"][m.name] = {"value": float(a[gi]), "baseline": float(b[gi]),
+                                        "change": float(a[gi] - b[gi]),
+                                        "ci": [ci[0][gi], ci[1][gi]], "change_vs_overall": cvo}
+                pending.append((e["metrics"][m.name], float(a[gi] - b[gi]), float(se[gi])))
+                pending.append((cvo, cvo["value"], float(se_o[gi])))
+        by_group += entries
+    control = finish(pending, maxt, settings.error_control == "simultaneous")
     return {"baseline": str(base.path), "baseline_sha256": base.sha256,
             "rows_joined": len(joined), "rows_only_in_predictions": len(main.df) - len(joined),
             "rows_only_in_baseline": len(base.df) - len(joined),
-            "change": "value - baseline", "by_group": by_group}
+            "change": "value - baseline", "error_control": control, "by_group": by_group}
+
+
+def finish(pending: list[tuple[dict[str, Any], float, float]], maxt: MaxT,
+           simultaneous: bool) -> dict[str, Any]:
+    """Give each pending change its simultaneous interval and ``significant`` (the interval
+    used excludes 0); returns the ``error_control`` record."""
+    c = maxt.critical()
+    for e, theta, se in pending:
+        lo, hi = e["ci"]
+        if np.isfinite(theta) and np.isfinite(se):
+            lo, hi = float(np.fmin(lo, theta - c * se)), float(np.fmax(hi, theta + c * se))
+        e["ci_simultaneous"] = [lo, hi]
+        used = e["ci_simultaneous"] if simultaneous else e["ci"]
+        e["significant"] = bool(used[0] > 0 or used[1] < 0)
+    return {"mode": "simultaneous" if simultaneous else "none", "method": METHOD,
+            "reference": METHOD_REFERENCE, "critical_value": c, "family_size": maxt.size,
+            "significant_uses": "ci_simultaneous" if simultaneous else "ci"}

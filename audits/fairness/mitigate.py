@@ -11,7 +11,8 @@ the score column itself, with ``prefit=True``.
 Groups are the full intersection of the sensitive columns. The report gets, per constraint,
 accuracy / selection rate / TPR / FPR before and after with paired bootstrap intervals, the
 accuracy cost (before - after), and the demographic-parity and equalized-odds differences
-before and after with intervals (of the highest-minus-lowest pair, as in ``audit.py``).
+before and after with intervals: the marginal one of the highest-minus-lowest pair, and a
+simultaneous one from every pair of groups (see ``before_after``).
 
 An in-training mitigation changes the model, not its thresholds, so its "before" is a second
 predictions table (``--unmitigated``: the same model trained without it, on the same rows)
@@ -27,9 +28,12 @@ from sklearn.base import BaseEstimator
 
 from safelm.errors import UserError
 
-from .audit import OVERALL, AuditSettings, _pair, group_label, quantiles
-from .compare import join_tables, paired_engine
+from .audit import OVERALL, AuditSettings, group_label, quantiles
+from .compare import finish, join_tables, paired_engine
+from .comparisons import Pending
+from .disparities import pairs, range_interval
 from .metrics import metric_defs
+from .simultaneous import MaxT
 from .table import PredTable
 
 CONSTRAINTS = ("demographic_parity", "equalized_odds")
@@ -120,35 +124,65 @@ def training_mitigation(after: PredTable, before: PredTable, settings: AuditSett
 
 def before_after(test: PredTable, joined: Any, settings: AuditSettings) -> dict[str, Any]:
     """Before/after metrics with paired intervals; ``joined`` holds the after-predictions in
-    ``y_pred`` and the before-predictions in ``y_pred_b``."""
+    ``y_pred`` and the before-predictions in ``y_pred_b``.
+
+    Error control as in the audit: the changes (per group and overall) and every pair of
+    groups behind the demographic-parity and equalized-odds differences, before and after,
+    form one max-t family; each change and gap carries ``ci_simultaneous`` (the gaps' follow
+    from their pairs, as in ``disparities.py``), and a change is ``significant`` when the
+    interval used excludes 0.
+    """
     metrics = [m for m in metric_defs(test.task) if m.name in MITIGATION_METRICS]
     engine, sl = paired_engine(test, joined, test.task, metrics)
     full = "*".join(test.sensitive)
-    point, reps = engine.point(), engine.bootstrap(settings.n_boot, settings.seed + 2)
-    ci = settings.ci
+    point = engine.point()
+    reps = engine.bootstrap(settings.n_boot, settings.seed + 2, stratified=True)
+    ci, simultaneous = settings.ci, settings.error_control == "simultaneous"
+    maxt = MaxT(ci, settings.n_boot)
+    pend = Pending(maxt, simultaneous, all_in_family=True)
+    pending: list[tuple[dict[str, Any], float, float]] = []
 
     def pair(slice_name: str, m: str, gi: int) -> dict[str, Any]:
         a, b = reps[slice_name][0][m][:, gi], reps[slice_name][1][m][:, gi]
         pa, pb = point[slice_name][0][m][gi], point[slice_name][1][m][gi]
+        change = {"value": float(pa - pb), "ci": quantiles(a - b, ci).tolist()}
+        se = maxt.add(np.array([pa - pb]), (a - b)[:, None])
+        pending.append((change, float(pa - pb), float(se[0])))
         return {"before": {"value": float(pb), "ci": quantiles(b, ci).tolist()},
                 "after": {"value": float(pa), "ci": quantiles(a, ci).tolist()},
-                "change": {"value": float(pa - pb), "ci": quantiles(a - b, ci).tolist()}}
+                "change": change}
 
     overall = {m: pair(OVERALL, m, 0) for m in MITIGATION_METRICS}
-    gaps: dict[str, dict[str, Any]] = {}
-    for view, key in ((1, "before"), (0, "after")):  # ranges as in audit._between
+    keys, cols = sl.groups[full], tuple(test.sensitive)
+    ranges: dict[tuple[int, str], dict[str, Any]] = {}
+    for view in (1, 0):
         p, r = point[full][view], reps[full][view]
         keep = np.ones(len(p["n"]), bool)
-        sel, tpr, fpr = (_pair(p[m], r[m], keep) for m in ("selection_rate", "tpr", "fpr"))
-        gaps.setdefault("demographic_parity_difference", {})[key] = {
-            "value": sel[2], "ci": quantiles(sel[4], ci).tolist()}
-        gaps.setdefault("equalized_odds_difference", {})[key] = {
-            "value": max(tpr[2], fpr[2]), "ci": quantiles(np.fmax(tpr[4], fpr[4]), ci).tolist()}
+        for m in ("selection_rate", "tpr", "fpr"):
+            _, rng = pairs(pend, full, keys, cols, p, r, m, m, True, keep,
+                           {"difference": None, "ratio": None}, kinds=("difference",))
+            ranges[(view, m)] = rng.get("difference")
     by_group = [{"group": dict(zip(test.sensitive, k)), "label": group_label(k),
                  "n": int(point[full][0]["n"][gi]),
                  "metrics": {m: pair(full, m, gi) for m in MITIGATION_METRICS}}
-                for gi, k in enumerate(sl.groups[full])]
+                for gi, k in enumerate(keys)]
+    pend.finish()
+    control = finish(pending, maxt, simultaneous)
+    gaps: dict[str, dict[str, Any]] = {}
+    for view, key in ((1, "before"), (0, "after")):  # ranges as in audit.py
+        sel, tpr, fpr = (ranges[(view, m)] for m in ("selection_rate", "tpr", "fpr"))
+        for e in (sel, tpr, fpr):
+            e["ci_simultaneous"] = range_interval("difference", [d["ci_simultaneous"]
+                                                                 for d in e["_pairs"]])
+        gaps.setdefault("demographic_parity_difference", {})[key] = {
+            "value": sel["value"], "ci": sel["ci"], "ci_simultaneous": sel["ci_simultaneous"]}
+        gaps.setdefault("equalized_odds_difference", {})[key] = {
+            "value": max(tpr["value"], fpr["value"]),
+            "ci": quantiles(np.fmax(tpr["_reps"], fpr["_reps"]), ci).tolist(),
+            "ci_simultaneous": [max(tpr["ci_simultaneous"][0], fpr["ci_simultaneous"][0]),
+                                max(tpr["ci_simultaneous"][1], fpr["ci_simultaneous"][1])]}
     acc = overall["accuracy"]["change"]
     return {"slice": full, "overall": overall,
-            "accuracy_cost": {"value": -acc["value"], "ci": sorted(-x for x in acc["ci"])},
-            "disparities": gaps, "by_group": by_group}
+            "accuracy_cost": {"value": -acc["value"], "ci": sorted(-x for x in acc["ci"]),
+                              "ci_simultaneous": sorted(-x for x in acc["ci_simultaneous"])},
+            "disparities": gaps, "by_group": by_group, "error_control": control}

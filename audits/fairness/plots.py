@@ -82,7 +82,7 @@ def disparity_chart(entries: list[dict[str, Any]], panels: list[tuple[str, str]]
     for ax, (m, kind) in zip(axes[0], panels):
         ds = rows[(m, kind)]
         v = np.array([d["value"] for d in ds], float)
-        ci = np.array([d["ci"] for d in ds], float)
+        ci = np.array([d.get("ci_simultaneous", d["ci"]) for d in ds], float)
         y = np.arange(len(ds))
         colors = [RED if d["flagged"] else (AMBER if d["small"] else BLUE) for d in ds]
         ax.errorbar(v, y, xerr=_err(v, ci), fmt="none", ecolor="#555", capsize=2)

@@ -24,10 +24,16 @@ from .table import PredTable
 HEADLINE_MAX = 8
 
 
+def used_ci(d: dict[str, Any]) -> list[float]:
+    """The interval the flag rests on: the simultaneous one unless the report was made
+    with ``--error-control none`` (recorded per entry as ``flags_use``)."""
+    return d[d.get("flags_use", "ci_simultaneous")] if "ci_simultaneous" in d else d["ci"]
+
+
 def _severity(d: dict[str, Any]) -> float:
     """How far the interval's edge nearest to parity lies beyond the tolerance, as a
     multiple of it (>= 1 when flagged): big *and* sure disparities sort first."""
-    lo, hi = d["ci"]
+    lo, hi = used_ci(d)
     t = d["threshold"]
     if t is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return 0.0
@@ -45,7 +51,7 @@ DISPARITY_PANELS = {"binary": [("selection_rate", "ratio"), ("tpr", "difference"
 
 
 def _threshold_words(d: dict[str, Any]) -> str:
-    t, lo, hi = d["threshold"], d["ci"][0], d["ci"][1]
+    t, (lo, hi) = d["threshold"], used_ci(d)
     if d["kind"] == "ratio":
         name = "4/5" if abs(t - 0.8) < 1e-12 else f"{t:.2f}"
         return (f"below the {name} threshold" if hi < t else
@@ -61,17 +67,21 @@ METRIC_PRIORITY = ("selection_rate", "accuracy", "tpr", "fpr", "balanced_accurac
 
 def sentence(d: dict[str, Any], short: bool = False) -> str:
     """One flagged disparity in words (``short``: without the group and the verdict)."""
-    kind, m = d["kind"], metric_name(d["metric"])
-    if d["reference"] == "overall":
+    kind, m, ci = d["kind"], metric_name(d["metric"]), fmt_ci(used_ci(d))
+    if d["reference"] in ("overall", "group"):
         if short:
-            return f"{m} {kind} {fmt(d['value'], 2)} {fmt_ci(d['ci'])}"
+            return f"{m} {kind} {fmt(d['value'], 2)} {ci}"
         small = f" (small group, n={d['n']})" if d["small"] else ""
-        return (f"{d['label']}: {m} {fmt(d['group_value'], 2)} vs {fmt(d['overall_value'], 2)}"
-                f" overall, {kind} {fmt(d['value'], 2)} {fmt_ci(d['ci'])}, "
-                f"{_threshold_words(d)}{small}")
+        other = (f"{fmt(d['overall_value'], 2)} overall" if d["reference"] == "overall" else
+                 f"{fmt(d['reference_value'], 2)} for {d['reference_label']} (reference)")
+        return (f"{d['label']}: {m} {fmt(d['group_value'], 2)} vs {other}, {kind} "
+                f"{fmt(d['value'], 2)} {ci}, {_threshold_words(d)}{small}")
+    if d.get("scope") == "pair":
+        return (f"{d['slice']}: {m} {kind} {d['label']} vs {d['other_label']} "
+                f"{fmt(d['value'], 2)} {ci}, {_threshold_words(d)}")
     via = f"{metric_name(d['via'])}: " if "via" in d else ""
     who = f" ({via}{d['max_group']} vs {d['min_group']})" if "max_group" in d else ""
-    return (f"{d['slice']}: {m} {kind} between groups {fmt(d['value'], 2)} {fmt_ci(d['ci'])}"
+    return (f"{d['slice']}: {m} {kind} between groups {fmt(d['value'], 2)} {ci}"
             f"{who}, {_threshold_words(d)}")
 
 
@@ -81,17 +91,18 @@ def _priority(metric: str) -> int:
 
 
 def headline(report: dict[str, Any]) -> list[str]:
-    """One sentence per group with flagged disparities to overall: worse-off groups first,
+    """One sentence per group with flagged disparities to overall (and one per group with
+    flagged disparities to its reference group): worse-off groups first, then by metric,
     single attributes before intersections; the group's most telling metric in full (a
     flagged ratio before a difference), the others briefly. Then the flagged demographic
     parity / equalized odds ranges of each slice."""
     flagged = [d for d in report["disparities"] if d["flagged"]]
     by_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for d in (x for x in flagged if x["reference"] == "overall"):
-        by_group.setdefault((d["slice"], d["label"]), []).append(d)
+    for d in (x for x in flagged if x["reference"] in ("overall", "group")):
+        by_group.setdefault((d["slice"], d["label"], d["reference"]), []).append(d)
     order = {name: i for i, name in enumerate(report["slices"])}
     lines = []
-    for (slice_name, _), ds in by_group.items():
+    for (slice_name, _, _), ds in by_group.items():
         best: dict[str, dict[str, Any]] = {}
         for d in ds:  # one entry per metric: the ratio when both kinds are flagged
             if d["metric"] not in best or d["kind"] == "ratio":
@@ -103,18 +114,48 @@ def headline(report: dict[str, Any]) -> list[str]:
             text += "; also " + ", ".join(sentence(d, short=True) for d in items[1:4])
             text += f" (+{len(items) - 4} more)" if len(items) > 4 else ""
         worse = any(d["worse_off"] for d in items)
-        lines.append(((not worse, _priority(items[0]["metric"]), -_severity(items[0]),
-                       order.get(slice_name, 0)), text))
-    between = [sentence(d) for d in flagged if d["reference"] == "between_groups"
+        lines.append(((not worse, _priority(items[0]["metric"]), order.get(slice_name, 0),
+                       items[0]["reference"] != "group", -_severity(items[0])), text))
+    between = [sentence(d) for d in flagged if d.get("scope") == "range"
                and d["metric"] in ("demographic_parity", "equalized_odds", "perplexity")]
     return [t for _, t in sorted(lines, key=lambda x: x[0])] + between
+
+
+GROUP_STATUSES = ("flagged", "insufficient_data", "not_flagged", "within_tolerance",
+                  "not_judged")
+
+
+def insufficient(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Groups whose intervals are too wide to decide either way, with n and, per undecided
+    metric, the smallest gap to overall (or the reference) that would be flagged at that n."""
+    out = []
+    for e in report["by_group"]:
+        if e.get("status") != "insufficient_data":
+            continue
+        gaps = {m: e["detectable_gap"][m] for m in e["insufficient_metrics"]
+                if m in e["detectable_gap"]}
+        out.append({"slice": e["slice"], "label": e["label"], "n": e["n"],
+                    "metrics": e["insufficient_metrics"], "detectable_gap": gaps})
+    return out
+
+
+def insufficient_line(g: dict[str, Any]) -> str:
+    gaps = g["detectable_gap"]
+    worst = max(gaps.items(), key=lambda kv: kv[1]) if gaps else None
+    gap = (f"; smallest detectable gap {worst[1]:.2f} ({metric_name(worst[0])})"
+           if worst else "")
+    return f"{g['label']} (n={g['n']}): {', '.join(map(metric_name, g['metrics']))}{gap}"
 
 
 def complete(report: dict[str, Any], pt: PredTable, extra_inputs: dict[str, Any] | None = None
              ) -> dict[str, Any]:
     """Add inputs, versions and the plain-language summary to ``run_audit``'s dict."""
     report["summary"] = {"n_flagged": sum(d["flagged"] for d in report["disparities"]),
-                         "flagged": headline(report)}
+                         "flagged": headline(report),
+                         "insufficient_data": insufficient(report),
+                         "group_status": {s: sum(e.get("status") == s
+                                                 for e in report["by_group"])
+                                          for s in GROUP_STATUSES}}
     report["inputs"] = {"predictions": str(pt.path), "predictions_sha256": pt.sha256,
                         "model_sha256": pt.model_sha256, "rows": len(pt.df),
                         "warnings": pt.warnings, **(extra_inputs or {})}
@@ -205,6 +246,14 @@ def render_html(report: dict[str, Any], pt: PredTable | None = None) -> str:
         body.append('<div class="lead ok"><b>No disparity is flagged</b>: no interval lies '
                     "entirely beyond its tolerance.</div>")
     small = sorted({e["label"] for e in report["by_group"] if e["small"]})
+    undecided = report["summary"]["insufficient_data"]
+    if undecided:
+        items = "".join(f"<li>{esc(insufficient_line(g))}</li>" for g in undecided[:12])
+        more = f"<li>… and {len(undecided) - 12} more</li>" if len(undecided) > 12 else ""
+        body.append(f'<div class="lead"><b>{len(undecided)} group(s) with insufficient '
+                    "data</b>: their intervals are wider than the tolerance band, so the "
+                    "audit can neither flag them nor show them within tolerance (not a clean "
+                    f"bill of health):<ul>{items}{more}</ul></div>")
     if small:
         body.append(f"<p class=note>⚠ {len(small)} small group(s) (n &lt; "
                     f"{st['min_group_size']}) are kept with their wide intervals: "
@@ -222,6 +271,7 @@ def render_html(report: dict[str, Any], pt: PredTable | None = None) -> str:
             body.append(f"<details><summary>By {esc(name)}</summary>"
                         f"{_slice_section(report, name, pt, flagged, '*' not in name)}"
                         "</details>")
+    body.append(_reference_html(report))
     body.append(_between_html(report))
     if report.get("mitigation"):
         body.append(_mitigation_html(report["mitigation"]))
@@ -231,14 +281,40 @@ def render_html(report: dict[str, Any], pt: PredTable | None = None) -> str:
     return page("Fairness audit", "".join(body))
 
 
+def _row(d: dict[str, Any]) -> list[str]:
+    return [fmt(d["value"]), fmt_ci(d["ci"]), fmt_ci(d["ci_simultaneous"]),
+            fmt(d["threshold"], 2), d["status"].replace("_", " ").upper()
+            if d["status"] == "flagged" else d["status"].replace("_", " ")]
+
+
+def _reference_html(report: dict[str, Any]) -> str:
+    ds = [d for d in report["disparities"] if d["reference"] == "group"
+          and d["threshold"] is not None]
+    if not ds:
+        return ""
+    rows = [[esc(d["slice"]), esc(d["label"]), esc(d["reference_label"]),
+             esc(metric_name(d["metric"])), d["kind"]] + _row(d) for d in ds]
+    return ("<h2>Against the reference group</h2><p class=note>value = group - reference "
+            "(difference) or group / reference (ratio); in these slices the four-fifths rule "
+            "uses the reference's selection rate.</p>"
+            + table(["slice", "group", "reference", "metric", "kind", "value", "interval",
+                     "simultaneous", "tolerance", "status"], rows, left=5))
+
+
 def _between_html(report: dict[str, Any]) -> str:
-    ds = [d for d in report["disparities"] if d["reference"] == "between_groups"]
-    rows = [[esc(d["slice"]), esc(metric_name(d["metric"])), d["kind"], fmt(d["value"]),
-             fmt_ci(d["ci"]), fmt(d["threshold"], 2), "FLAGGED" if d["flagged"] else ""]
-            for d in ds]
-    return ("<details><summary>Between-group disparities (ranges over groups that are not "
-            "small)</summary>" + table(["slice", "metric", "kind", "value", "interval",
-                                        "tolerance", ""], rows, left=2) + "</details>")
+    ds = [d for d in report["disparities"] if d.get("scope") == "range"]
+    pairs = [d for d in report["disparities"] if d.get("scope") == "pair" and d["flagged"]]
+    rows = [[esc(d["slice"]), esc(metric_name(d["metric"])), d["kind"]] + _row(d) for d in ds]
+    prow = [[esc(d["slice"]), esc(f"{d['label']} vs {d['other_label']}"),
+             esc(metric_name(d["metric"])), d["kind"]] + _row(d) for d in pairs]
+    return ("<details><summary>Between-group disparities (every pair of groups that are not "
+            "small; the range of each slice follows from its pairs)</summary>"
+            + table(["slice", "metric", "kind", "value", "interval (extreme pair)",
+                     "simultaneous", "tolerance", "status"], rows, left=3)
+            + (f"<p>Flagged pairs ({len(pairs)}):</p>" + table(
+                ["slice", "pair", "metric", "kind", "value", "interval", "simultaneous",
+                 "tolerance", "status"], prow, left=4) if pairs else "")
+            + "</details>")
 
 
 def _mitigation_html(items: list[dict[str, Any]]) -> str:
@@ -249,10 +325,12 @@ def _mitigation_html(items: list[dict[str, Any]]) -> str:
             f"<h3>{esc(_mitigation_title(it))}</h3><p>{esc(_mitigation_source(it))} Accuracy "
             f"{fmt(acc['before']['value'])} → {fmt(acc['after']['value'])} (cost "
             f"{fmt(it['accuracy_cost']['value'])} {fmt_ci(it['accuracy_cost']['ci'])}).</p>"
-            + table(["", "before", "after"], [[esc(k.replace("_", " ")),
-                    f"{fmt(v['before']['value'])} {fmt_ci(v['before']['ci'])}",
-                    f"{fmt(v['after']['value'])} {fmt_ci(v['after']['ci'])}"]
-                    for k, v in gaps.items()])
+            + table(["", "before", "after", "before, simultaneous", "after, simultaneous"],
+                    [[esc(k.replace("_", " ")),
+                      f"{fmt(v['before']['value'])} {fmt_ci(v['before']['ci'])}",
+                      f"{fmt(v['after']['value'])} {fmt_ci(v['after']['ci'])}",
+                      fmt_ci(v['before']['ci_simultaneous']),
+                      fmt_ci(v['after']['ci_simultaneous'])] for k, v in gaps.items()])
             + plots.before_after(it["by_group"], "selection_rate",
                                  f"selection rate by {it['slice']}, before/after"))
     return "".join(out)
@@ -280,23 +358,37 @@ def _comparison_html(c: dict[str, Any]) -> str:
         m = e["metrics"][metric]
         rows.append([esc(e["slice"]), esc(e["label"]), str(e["n"]), fmt(m["baseline"]),
                      fmt(m["value"]), f'{fmt(m["change"])} <span class="ci">{fmt_ci(m["ci"])}'
-                     "</span>", fmt_ci(m["change_vs_overall"]["ci"])])
+                     "</span>", fmt_ci(m["ci_simultaneous"]),
+                     "yes" if m["significant"] else "",
+                     fmt_ci(m["change_vs_overall"]["ci_simultaneous"])])
     return (f"<h2>Against the baseline {esc(Path(c['baseline']).name)}</h2><p class=note>"
             f"{c['rows_joined']} rows paired on example_id; change = this table - baseline, "
-            "paired bootstrap intervals.</p>" + plots.change_chart(groups, metric)
+            "paired bootstrap intervals; significant = the simultaneous interval (all groups "
+            f"and metrics together, critical value {c['error_control']['critical_value']:.2f})"
+            " excludes 0.</p>" + plots.change_chart(groups, metric)
             + table(["slice", "group", "n", f"baseline {metric_name(metric)}", "this table",
-                     "change", "change vs overall change"], rows, left=2))
+                     "change", "simultaneous", "significant",
+                     "change vs overall change (simultaneous)"], rows, left=2))
 
 
 def _footer(report: dict[str, Any]) -> str:
     st, inp = report["settings"], report["inputs"]
-    th = st["thresholds"]
+    th, ec = st["thresholds"], st["error_control"]
+    control = (f"Flags use simultaneous intervals: {esc(ec['method'])} ({esc(ec['reference'])}"
+               f"); critical value {ec['critical_value']:.2f} over {ec['family_size']} "
+               "comparisons, so all of them hold together at the stated level."
+               if ec["mode"] == "simultaneous" else
+               "Flags use the marginal intervals (--error-control none): with many "
+               "comparisons, some flags are expected by chance.")
     return (f"<h2>How to read this</h2><p class=note>Intervals: {int(st['ci'] * 100)}% "
             f"percentile bootstrap ({st['n_boot']} resamples, seed {st['seed']}); proportions "
-            "also include the Jeffreys interval. A disparity is flagged only when its whole "
-            f"interval lies beyond the tolerance: differences beyond ±{th['difference']}, "
-            f"ratios below {th['ratio']} or above {1 / th['ratio']:.2f} (selection rates, "
-            "perplexity). Groups are never dropped; small ones are marked. Full numbers: "
+            f"also include the Jeffreys interval. {control} A disparity is flagged only when "
+            f"its whole interval lies beyond the tolerance: differences beyond "
+            f"±{th['difference']}, ratios below {th['ratio']} or above {1 / th['ratio']:.2f} "
+            "(selection rates, perplexity). Status: flagged; within tolerance (the interval "
+            "lies inside the tolerance band); not flagged (it straddles an edge: not shown "
+            "to exceed the tolerance); insufficient data (wider than the whole band). Groups "
+            "are never dropped; small ones are marked. Full numbers: "
             f"report.json.</p><p class=meta>input sha256 {esc(inp['predictions_sha256'])} · "
             f"model sha256 {esc(inp.get('model_sha256') or 'unknown')} · "
             + esc(", ".join(f"{k} {v}" for k, v in report["versions"].items())) + "</p>")
@@ -311,6 +403,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = report["summary"]["flagged"]
     out += ([f"**{report['summary']['n_flagged']} disparities flagged:**", ""]
             + [f"- {s}" for s in lines] if lines else ["**No disparity is flagged.**"]) + [""]
+    undecided = report["summary"]["insufficient_data"]
+    if undecided:
+        out += [f"**{len(undecided)} group(s) with insufficient data** (intervals wider than "
+                "the tolerance band: neither flagged nor shown within tolerance):", ""]
+        out += [f"- {insufficient_line(g)}" for g in undecided] + [""]
     metrics = report["metrics"]
     out += ["## Overall", "", md_table(["metric", "value", "interval"], [
         [metric_name(m), fmt(v["value"]), fmt_ci(v["ci"])]
@@ -334,7 +431,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for e in c["by_group"]:
             m = e["metrics"].get("accuracy") or next(iter(e["metrics"].values()))
             out.append(f"- {e['label']} (n={e['n']}): change {fmt(m['change'])} "
-                       f"{fmt_ci(m['ci'])}")
+                       f"{fmt_ci(m['ci'])}, simultaneous {fmt_ci(m['ci_simultaneous'])}"
+                       + (" (significant)" if m["significant"] else ""))
         out.append("")
     out += [f"Input sha256: `{inp['predictions_sha256']}`; model sha256: "
             f"`{inp.get('model_sha256') or 'unknown (no predictions sidecar)'}`", ""]
