@@ -1,5 +1,6 @@
 """Privacy audit: descriptive membership statistics against oracles (sklearn, a known AUC),
-canary insertion (both inclusion modes). The one-run bound is in test_privacy_audit_one_run.py. Training-based checks are in test_privacy_audit_e2e.py."""
+canary insertion (both inclusion modes). The one-run bound is in test_privacy_audit_one_run.py.
+Training-based checks are in test_privacy_audit_e2e.py."""
 
 from __future__ import annotations
 

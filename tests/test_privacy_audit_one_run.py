@@ -55,7 +55,8 @@ def test_delta_term_weakens_the_bound_and_can_erase_it():
 def test_count_correct_and_grid():
     scores = np.array([5.0, 4, 3, 2, 1, 0])
     included = np.array([True, False, True, False, False, True])
-    assert one_run.count_correct(scores, included, 2, 2) == (4, 2)  # in: 0 ok, 1 no; out: 4 ok, 5 no
+    # in: canary 0 right, 1 wrong; out: canary 4 right, 5 wrong
+    assert one_run.count_correct(scores, included, 2, 2) == (4, 2)
     assert one_run.count_correct(scores, included, 1, 0) == (1, 1)
     assert one_run.grid_pairs(1000) == [(50, 50), (100, 100), (200, 200), (500, 500)]
     assert one_run.grid_pairs(10, [3]) == [(2, 1)]

@@ -1,5 +1,6 @@
 """``safelm audit privacy RUN_DIR [--one-run] [--members FILE --non-members FILE] --out DIR``:
-options and handler. Import-light (argparse only at module level): ``safelm --help`` imports this module."""
+options and handler. Import-light (argparse only at module level): ``safelm --help`` imports
+this module."""
 
 from __future__ import annotations
 
