@@ -37,8 +37,9 @@ AUDITS: list[Audit] = [
           fairness_cli.add_arguments, fairness_cli.run),
     Audit("lm-bias", "bias probes of a language-model run: counterfactual pairs, generations",
           lm_bias_cli.add_arguments, lm_bias_cli.run),
-    Audit("privacy", "membership-inference and canary audit of a run: attacks, empirical "
-          "epsilon vs the claim", privacy_cli.add_arguments, privacy_cli.run),
+    Audit("privacy", "privacy audit of a run: the one-run canary bound on epsilon vs the "
+          "claim (--one-run); descriptive membership inference", privacy_cli.add_arguments,
+          privacy_cli.run),
 ]
 
 

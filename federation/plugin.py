@@ -60,6 +60,8 @@ def demo_step(ctx: dict[str, Any]) -> None:
         if sim.crashed(res):
             print("  the federated run failed; last lines:\n" +
                   "\n".join((res.stdout + res.stderr).splitlines()[-15:]))
+            ctx.setdefault("verdicts", []).append(
+                ("federated run", False, "the Flower simulation failed"))
             return
     for rec in rundir.read_metrics(out):
         if rec["kind"] == "round":

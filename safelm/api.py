@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rundir
-from .canaries import CANARIES_FILE, insert_canaries
+from .canaries import CANARIES_FILE, bernoulli_draw, insert_canaries
 from .config import Config
 from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
 from .distributed import init_from_env
@@ -45,9 +45,14 @@ class Prepared:
         return BlockDataset(self.encoded[split])
 
 
-def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
+def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = None,
+            canary_record: dict[str, Any] | None = None) -> Prepared:
     """Read, split, tokenize (training a tokenizer on the train split if none is given) and
-    resolve the data-dependent config fields (vocab size, labels, number of classes)."""
+    resolve the data-dependent config fields (vocab size, labels, number of classes).
+
+    ``canary_record``: for ``privacy.canary_inclusion=bernoulli``, the secrets and coins to use
+    (a resumed run's ``canaries.json``, or one draw shared by all torchrun ranks); None draws
+    new ones from the OS."""
     task = cfg.train.task
     rows = load_rows(data_path, cfg.data, task)
     splits = split_rows(rows, cfg.data, cfg.train.seed)
@@ -56,8 +61,9 @@ def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = No
     cfg.model.vocab_size = tokenizer.vocab_size
     canaries = None
     if cfg.privacy.canaries:  # after the tokenizer, so it cannot learn them (safelm/canaries.py)
-        splits["train"], canaries = insert_canaries(splits["train"], cfg.privacy.canaries,
-                                                    cfg.privacy.canary_repeats, cfg.train.seed)
+        splits["train"], canaries = insert_canaries(
+            splits["train"], cfg.privacy.canaries, cfg.privacy.canary_repeats, cfg.train.seed,
+            inclusion=cfg.privacy.canary_inclusion or "all", previous=canary_record)
     if task == "classify":
         if not cfg.data.labels:
             cfg.data.labels = sorted(set(splits["train"]["label"]))
@@ -91,12 +97,13 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         if sha != info["sha256"]:
             raise UserError(f"{data_path} is not the file this run was trained on (sha256 "
                             "differs); resume with the same --data")
-        prep = prepare(data_path, cfg, Tokenizer.load(out / rundir.TOKENIZER))
+        prep = prepare(data_path, cfg, Tokenizer.load(out / rundir.TOKENIZER),
+                       _read_canary_record(out, cfg))
     else:
         if ddp.main and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue "
                             "that run or choose a new --out")
-        prep = prepare(data_path, cfg)
+        prep = prepare(data_path, cfg, canary_record=_shared_canary_draw(cfg, ddp))
         cfg.validate()
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone
     model = build_model(cfg.model, cfg.train.task)
@@ -130,6 +137,28 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     if test:
         trainer.log({"kind": "test", "step": trainer.global_step, **final})
     return final
+
+
+def _read_canary_record(out: Path, cfg: Config) -> dict[str, Any] | None:
+    """A resumed bernoulli run's secrets and coins: they must be the ones it started with."""
+    if cfg.privacy.canary_inclusion != "bernoulli":
+        return None
+    p = out / CANARIES_FILE
+    if not p.is_file():
+        raise UserError(f"{out}: {CANARIES_FILE} is missing, so the canaries this run trained "
+                        "on are unknown; it cannot be resumed (train a new run)")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def _shared_canary_draw(cfg: Config, ddp: Any) -> dict[str, Any] | None:
+    """Under torchrun every rank must insert the same canaries: rank 0 draws (OS entropy) and
+    broadcasts; nothing is written before the run dir is."""
+    if cfg.privacy.canary_inclusion != "bernoulli" or not ddp.active:
+        return None
+    import torch.distributed as dist
+    box = [bernoulli_draw(cfg.privacy.canaries) if ddp.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---- loading a run ------------------------------------------------------------------------

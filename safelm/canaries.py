@@ -9,8 +9,17 @@ not memorize it ranks it uniformly at random (about 1.4 bits of exposure on aver
 
 Decisions:
 
-* Secrets come from ``train.seed`` alone (``numpy`` ``default_rng([SALT, seed])``), so a resumed
-  run inserts the same ones, and ``canaries.json`` records them for the audit.
+* Two inclusion modes (``privacy.canary_inclusion``). ``all`` (the default, also when unset):
+  every secret is inserted, secrets come from ``train.seed`` alone (``numpy``
+  ``default_rng([SALT, seed])``), so a resumed run inserts the same ones; the exposure audit
+  uses them. ``bernoulli``: each of the M secrets is inserted with probability 1/2 by an
+  independent fair coin, and both the secrets and the coins come from the OS (``secrets``),
+  never from a seed: the one-run audit (``audits/privacy/one_run.py``) is valid only if the
+  training code cannot know the coins, and a secret derivable from a published seed would be
+  guessable. A resumed run reads secrets and coins back from ``canaries.json``.
+* ``canaries.json`` (the run dir only; ``safelm release`` never copies it) records the secrets
+  and, for ``bernoulli``, the inclusion record ``included`` (one bool per secret): knowing it
+  tells which canaries trained the model, so it is as sensitive as the secrets.
 * They join the train split *after* the tokenizer is trained. The tokenizer is not trained
   privately and ships with the model; trained on ten copies of a secret, BPE could merge its
   digits into tokens of their own, so ``tokenizer.json`` would leak the secret around DP-SGD and
@@ -23,6 +32,7 @@ Decisions:
 
 from __future__ import annotations
 
+import secrets as _os_random
 from typing import Any
 
 import numpy as np
@@ -56,14 +66,35 @@ def make_secrets(n: int, seed: int) -> list[str]:
     return out
 
 
+def os_secrets(n: int, *, alphabet: str = ALPHABET, length: int = LENGTH,
+               separator: str = SEPARATOR) -> list[str]:
+    """``n`` distinct secrets drawn from the OS's entropy (``secrets``): nothing can replay them."""
+    out: list[str] = []
+    while len(out) < n:
+        s = separator.join(_os_random.choice(alphabet) for _ in range(length))
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def bernoulli_draw(n: int) -> dict[str, Any]:
+    """Secrets and fair inclusion coins for ``bernoulli`` mode, all from OS entropy."""
+    return {"secrets": os_secrets(n), "included": [bool(_os_random.randbits(1))
+                                                   for _ in range(n)]}
+
+
 def canary_text(secret: str, prefix: str = PREFIX) -> str:
     return f"{prefix} {secret}"
 
 
-def canary_rows(train: pd.DataFrame, secrets: list[str], repeats: int) -> pd.DataFrame:
-    """Rows shaped like ``train`` (same columns) holding each secret ``repeats`` times."""
+def canary_rows(train: pd.DataFrame, secrets: list[str], repeats: int,
+                included: list[bool] | None = None) -> pd.DataFrame:
+    """Rows shaped like ``train`` (same columns) holding each secret ``repeats`` times (only
+    the secrets whose ``included`` flag is set, when given; ids keep the secret's index)."""
     rows = []
     for i, secret in enumerate(secrets):
+        if included is not None and not included[i]:
+            continue
         for r in range(repeats):
             row: dict[str, Any] = {c: UNKNOWN_GROUP for c in train.columns}
             row.update(example_id=f"canary{i}-{r}", text=canary_text(secret))
@@ -77,19 +108,31 @@ def canary_rows(train: pd.DataFrame, secrets: list[str], repeats: int) -> pd.Dat
     return pd.DataFrame(rows, columns=train.columns)
 
 
-def insert_canaries(train: pd.DataFrame, n: int, repeats: int,
-                    seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+def insert_canaries(train: pd.DataFrame, n: int, repeats: int, seed: int,
+                    inclusion: str = "all", previous: dict[str, Any] | None = None,
+                    draw: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The train split with the canary rows appended, and the ``canaries.json`` record.
 
-    Appending is enough: the Trainer draws batches in a seeded random order (Poisson
-    sampling under DP), so a row's position in the table does not matter.
+    ``inclusion="bernoulli"`` takes secrets and coins from ``previous`` (a resumed run's
+    ``canaries.json``), else from ``draw`` (one :func:`bernoulli_draw`, shared by all ranks),
+    else draws them now. Appending is enough: the Trainer draws batches in a random order
+    (Poisson sampling under DP), so a row's position in the table does not matter.
     """
-    secrets = make_secrets(n, seed)
-    extra = canary_rows(train, secrets, repeats)
-    record = {"prefix": PREFIX, "alphabet": ALPHABET, "length": LENGTH, "separator": SEPARATOR,
-              "space_size": len(ALPHABET) ** LENGTH, "repeats": repeats, "seed": seed,
-              "secrets": secrets, "texts": [canary_text(s) for s in secrets],
-              "example_ids": [[f"canary{i}-{r}" for r in range(repeats)]
-                              for i in range(len(secrets))],
-              "inserted": "train split, after tokenizer training"}
+    record: dict[str, Any] = {"prefix": PREFIX, "alphabet": ALPHABET, "length": LENGTH,
+                              "separator": SEPARATOR, "space_size": len(ALPHABET) ** LENGTH,
+                              "repeats": repeats, "inclusion": inclusion}
+    if inclusion == "bernoulli":
+        got = previous or draw or bernoulli_draw(n)
+        secrets, included = list(got["secrets"]), [bool(x) for x in got["included"]]
+        if len(secrets) != n or len(included) != n:
+            raise ValueError(f"canary record holds {len(secrets)} secrets, config says {n}")
+        record.update(randomness="os_entropy", included=included)
+    else:
+        secrets, included = make_secrets(n, seed), None
+        record.update(seed=seed)
+    extra = canary_rows(train, secrets, repeats, included)
+    record.update(secrets=secrets, texts=[canary_text(s) for s in secrets],
+                  example_ids=[[f"canary{i}-{r}" for r in range(repeats)]
+                               for i in range(len(secrets))],
+                  inserted="train split, after tokenizer training")
     return pd.concat([train, extra], ignore_index=True), record

@@ -96,6 +96,9 @@ class PrivacyConfig:
     # Works with and without DP; 0 inserts nothing.
     canaries: int = 0
     canary_repeats: int = 10
+    # "" (unset: all) | all (every canary inserted, secrets from train.seed) | bernoulli (each
+    # inserted by a fair coin from OS entropy: the one-run audit, `safelm audit privacy --one-run`)
+    canary_inclusion: str = ""
 
 
 SECTIONS: dict[str, type] = {
@@ -231,6 +234,11 @@ class Config:
             raise ConfigError(f"privacy.canaries={p.canaries} must be >= 0 (0: none)")
         if p.canary_repeats < 1:
             raise ConfigError(f"privacy.canary_repeats={p.canary_repeats} must be >= 1")
+        _choice("privacy.canary_inclusion", p.canary_inclusion, ("", "all", "bernoulli"))
+        if p.canary_inclusion and not p.canaries:
+            raise ConfigError(f"privacy.canary_inclusion={p.canary_inclusion} needs canaries: "
+                              "set privacy.canaries=M (e.g. 1000 for the one-run audit) or "
+                              "drop privacy.canary_inclusion")
         if p.canaries and self.train.task != "lm":
             raise ConfigError(f"privacy.canaries={p.canaries} needs train.task=lm (canaries are "
                               "secret sequences in language-model training text); set it to 0")

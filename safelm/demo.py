@@ -100,7 +100,7 @@ def demo_verdicts(ctx: dict) -> list[tuple[str, bool, str]]:
     report = ctx.get("privacy_audit")
     if report and Path(report).is_file():
         rep = json.loads(Path(report).read_text(encoding="utf-8"))
-        if "passed" in rep:
+        if rep.get("passed") is not None:  # null: a descriptive audit, no verdict drawn
             out.append(("privacy audit", bool(rep["passed"]), str(report)))
     if "release_ok" in ctx:
         failed = [g for g in ctx.get("release_gates", []) if str(g).startswith("FAIL")]

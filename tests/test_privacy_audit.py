@@ -1,5 +1,6 @@
-"""Privacy audit: statistics against oracles (scipy, sklearn, mechanisms with a known epsilon),
-canary insertion, and bad-input exits. Training-based checks are in test_privacy_audit_e2e.py."""
+"""Privacy audit: descriptive membership statistics against oracles (sklearn, a known AUC),
+canary insertion (both inclusion modes). The one-run bound is in test_privacy_audit_one_run.py.
+Training-based checks are in test_privacy_audit_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,32 +10,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import beta, binomtest, norm
+from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from audits.privacy import stats
 from audits.privacy.attacks import phi
-from audits.privacy.audit import thin_roc, verdict
+from audits.privacy.audit import thin_roc
 from safelm.canaries import insert_canaries, make_secrets
 from safelm.config import Config
 from safelm.errors import ConfigError
 
 
-# ---- Clopper-Pearson, ROC, AUC ----------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 7, 50, 1000])
-def test_clopper_pearson_matches_beta_quantiles_and_binomtest(n):
-    k = np.arange(n + 1)
-    lo, hi = stats.clopper_pearson(k, n, 0.9)
-    ref_lo = np.where(k > 0, beta.ppf(0.05, np.maximum(k, 1), n - k + 1), 0.0)
-    ref_hi = np.where(k < n, beta.ppf(0.95, k + 1, np.maximum(n - k, 1)), 1.0)
-    np.testing.assert_allclose(lo, ref_lo, atol=1e-10)
-    np.testing.assert_allclose(hi, ref_hi, atol=1e-10)
-    for kk in {0, n // 3, n}:
-        ci = binomtest(int(kk), n).proportion_ci(0.9, method="exact")
-        assert lo[kk] == pytest.approx(ci.low, abs=1e-9)
-        assert hi[kk] == pytest.approx(ci.high, abs=1e-9)
-
-
+# ---- ROC, AUC ------------------------------------------------------------------------------
 def _scores(seed: int, n_pos: int = 700, n_neg: int = 500, shift: float = 0.6, ties=False):
     rng = np.random.default_rng(seed)
     s = np.r_[rng.normal(shift, 1, n_pos), rng.normal(0, 1, n_neg)]
@@ -85,73 +72,6 @@ def test_thin_roc_keeps_the_curve_shape():
     assert thin["fpr"][0] == 0 and thin["fpr"][-1] == 1 and thin["tpr"][-1] == 1
 
 
-# ---- the empirical epsilon lower bound ---------------------------------------------------
-def _randomized_response(eps: float, n: int, seed: int):
-    """Scores of an eps-DP mechanism: the member bit, kept with probability e^eps/(1+e^eps).
-    Its optimal test has TPR/FPR = e^eps exactly, so eps is the true, tight answer."""
-    rng = np.random.default_rng(seed)
-    keep = math.exp(eps) / (1 + math.exp(eps))
-    member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
-    out = np.where(rng.random(2 * n) < keep, member, ~member).astype(float)
-    return out, member
-
-
-def test_bound_formula_on_exact_rates():
-    # rates measured without error (huge n): both expressions of the DP inequality
-    eps, _ = stats.epsilon_bounds(np.array([5e6, 9e6]), 10**7, np.array([1e5, 5e6]), 10**7,
-                                  delta=0.0, confidence=0.95)
-    assert eps[0] == pytest.approx(math.log(0.5 / 0.01), abs=0.01)  # log(TPR/FPR)
-    assert eps[1] == pytest.approx(math.log(0.5 / 0.1), abs=0.01)  # log((1-FPR)/(1-TPR))
-    # delta is subtracted from the numerator
-    e_d, _ = stats.epsilon_bounds(np.array([5e6]), 10**7, np.array([1e5]), 10**7, delta=0.2,
-                                  confidence=0.95)
-    assert e_d[0] == pytest.approx(math.log(0.3 / 0.01), abs=0.01)
-
-
-def test_bound_is_valid_for_randomized_response():
-    eps, trials = 1.0, 200
-    bounds = [stats.empirical_epsilon(*_randomized_response(eps, 300, s), delta=0.0,
-                                      confidence=0.95, seed=s)["value"] for s in range(trials)]
-    assert np.mean(np.array(bounds) > eps) <= 0.05  # a 95% lower bound
-    assert np.median(bounds) > 0.3  # and not trivially zero
-
-
-def test_bound_approaches_the_true_epsilon_with_large_n():
-    for eps in (0.5, 2.0):
-        r = stats.empirical_epsilon(*_randomized_response(eps, 200_000, 7), delta=0.0)
-        assert eps - 0.08 < r["value"] <= eps
-
-
-def test_bound_is_valid_for_the_gaussian_mechanism():
-    # members ~ N(mu, 1), non-members ~ N(0, 1): exactly (eps, delta(eps))-DP with
-    # delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle & Wang 2018)
-    mu, delta = 2.0, 1e-5
-    true_eps = next(e for e in np.arange(0, 20, 0.001)
-                    if norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2)
-                    <= delta)
-    rng = np.random.default_rng(0)
-    n = 50_000
-    member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
-    s = np.r_[rng.normal(mu, 1, n), rng.normal(0, 1, n)]
-    r = stats.empirical_epsilon(s, member, delta=delta)
-    assert 1.0 < r["value"] < true_eps
-
-
-def test_no_signal_gives_no_bound():
-    rng = np.random.default_rng(5)
-    member = np.r_[np.ones(3000, bool), np.zeros(3000, bool)]
-    r = stats.empirical_epsilon(rng.normal(size=6000), member, delta=1e-5)
-    assert r["value"] < 0.2
-
-
-def test_verdict_fails_only_when_the_bound_exceeds_the_claim():
-    dp = {"dp": True}
-    assert verdict(dp, 8.0, 1.2, 1e-5)[0]
-    ok, line = verdict(dp, 1.0, 1.2, 1e-5)
-    assert not ok and line.startswith("FAILED") and "\n" not in line
-    assert verdict({"dp": False}, None, 3.0, 1e-5)[0]  # nothing claimed, nothing refuted
-
-
 def test_phi_is_the_logit_of_the_true_label_probability():
     p = np.array([0.1, 0.5, 0.9])
     np.testing.assert_allclose(phi(-np.log(p), "classify"), np.log(p / (1 - p)))
@@ -183,6 +103,8 @@ def test_insert_canaries_appends_rows_shaped_like_the_split():
     (["privacy.canaries=-1"], "privacy.canaries=-1 must be >= 0"),
     (["privacy.canary_repeats=0"], "privacy.canary_repeats=0 must be >= 1"),
     (["privacy.canaries=2", "train.task=classify"], "needs train.task=lm"),
+    (["privacy.canary_inclusion=bernoulli"], "needs canaries: set privacy.canaries=M"),
+    (["privacy.canaries=2", "privacy.canary_inclusion=coin"], "is not one of"),
 ])
 def test_canary_config_validation(items, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -203,3 +125,30 @@ def test_prepare_inserts_canaries_after_the_tokenizer(tmp_path, lm_txt):
     plain.tokenizer.save(tmp_path / "b.json")  # the tokenizer never saw the canaries
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert len(prep.splits["val"]) == len(plain.splits["val"])  # only the train split grows
+
+
+def test_bernoulli_inclusion_uses_os_coins_and_records_them():
+    train = pd.DataFrame({"example_id": ["a"], "text": ["x"], "user": ["u1"]})
+    out, rec = insert_canaries(train, 200, 3, seed=0, inclusion="bernoulli")
+    inc = np.array(rec["included"])
+    assert rec["inclusion"] == "bernoulli" and rec["randomness"] == "os_entropy"
+    assert "seed" not in rec and len(rec["secrets"]) == len(set(rec["secrets"])) == 200
+    assert 60 < inc.sum() < 140  # fair coins: P(outside) < 1e-8
+    extra = out.iloc[1:]
+    assert len(extra) == 3 * inc.sum()  # each included canary is `repeats` rows
+    assert set(extra["text"]) == {t for t, i in zip(rec["texts"], inc) if i}
+    assert set(extra["user"]) == {f"canary{i}" for i in np.flatnonzero(inc)}
+    # nothing derives from train.seed: a second draw differs (secrets and coins)
+    _, again = insert_canaries(train, 200, 3, seed=0, inclusion="bernoulli")
+    assert again["secrets"] != rec["secrets"] and again["included"] != rec["included"]
+    # a resumed run reads them back
+    _, back = insert_canaries(train, 200, 3, seed=5, inclusion="bernoulli", previous=rec)
+    assert back["secrets"] == rec["secrets"] and back["included"] == rec["included"]
+    json.dumps(rec)
+
+
+def test_default_inclusion_is_unchanged():
+    train = pd.DataFrame({"example_id": ["a"], "text": ["x"]})
+    _, rec = insert_canaries(train, 3, 2, seed=7)
+    assert rec["inclusion"] == "all" and rec["seed"] == 7 and "included" not in rec
+    assert rec["secrets"] == make_secrets(3, 7)

@@ -237,6 +237,8 @@ def test_demo_verdicts_fail_on_a_failed_gate_or_audit(tmp_path, capsys, monkeypa
                                                     "FAIL require_secret_noise: seeded"])
     (name, passed, detail), = [v for v in demo.demo_verdicts(bad) if not v[1]]
     assert name == "release verify" and "require_secret_noise" in detail
+    audit.write_text(json.dumps({"passed": None}))  # descriptive only: no verdict to fail
+    assert all(v[1] for v in demo.demo_verdicts(ok)) and len(demo.demo_verdicts(ok)) == 1
     audit.write_text(json.dumps({"passed": False}))
     assert [v[0] for v in demo.demo_verdicts(ok) if not v[1]] == ["privacy audit"]
     for failed, rc in (([], 0), (["privacy audit: x"], 1)):

@@ -124,7 +124,7 @@ def reference_config(target_cfg: Any, seed: int, settings: list[str]) -> Any:
     cfg.train.checkpoint_every = 10**9
     if hasattr(cfg.train, "reweight"):
         cfg.train.reweight = "none"
-    cfg.privacy.canaries, cfg.privacy.unit = 0, "example"
+    cfg.privacy.canaries, cfg.privacy.canary_inclusion, cfg.privacy.unit = 0, "", "example"
     for item in settings:
         cfg.set(item)
     return cfg.validate()

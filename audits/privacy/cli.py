@@ -1,24 +1,40 @@
-"""``safelm audit privacy RUN_DIR --members FILE --non-members FILE --out DIR``: options and
-handler. Import-light (argparse only at module level): ``safelm --help`` imports this module."""
+"""``safelm audit privacy RUN_DIR [--one-run] [--members FILE --non-members FILE] --out DIR``:
+options and handler. Import-light (argparse only at module level): ``safelm --help`` imports
+this module."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-EXIT_FAILED = 1  # the audit ran and refuted the run's epsilon; bad input exits 2 (UserError)
+EXIT_FAILED = 1  # the one-run audit refuted the run's epsilon; bad input exits 2 (UserError)
+
+
+def guess_totals(text: str) -> list[int]:
+    """``--guesses 100`` or ``--guesses 50,100,200`` (argparse reports a non-integer)."""
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Membership-inference audit of a run: loss and reference-model (LiRA) "
-                     "attacks with ROC, AUC and TPR at 1%/0.1% FPR, an empirical lower bound "
-                     "on epsilon checked against the run's privacy.json, and canary exposure "
-                     "when the run planted canaries (privacy.canaries). Exits 1 if the bound "
-                     "exceeds the claimed epsilon.")
+    p.description = ("Privacy audit of a run. --one-run: the one-training-run audit (Steinke, "
+                     "Nasr, Jagielski 2023) over canaries included by fair coins "
+                     "(privacy.canaries=M, privacy.canary_inclusion=bernoulli): a lower bound "
+                     "on epsilon at the stated confidence, checked against the run's "
+                     "privacy.json; exits 1 if it exceeds the claim. --members/--non-members: "
+                     "loss and reference-model (LiRA) attacks with ROC, AUC and TPR at "
+                     "1%/0.1% FPR, descriptive only (no bound, no verdict). Canary exposure "
+                     "when the run planted canaries.")
     p.add_argument("run_dir", help="the run dir to audit (from 'safelm train')")
-    p.add_argument("--members", required=True, metavar="FILE",
+    p.add_argument("--one-run", action="store_true",
+                   help="the one-run audit over the run's bernoulli canaries (the verdict)")
+    p.add_argument("--guesses", type=guess_totals,
+                   default=[], metavar="N[,N...]",
+                   help="one-run guess totals (half 'in', half 'out'); one value is fixed a "
+                   "priori, several are searched with a Bonferroni correction (default: "
+                   "10%%, 20%%, 40%%, 100%% of the canaries)")
+    p.add_argument("--members", metavar="FILE",
                    help="rows the run trained on (e.g. its training split)")
-    p.add_argument("--non-members", required=True, metavar="FILE",
+    p.add_argument("--non-members", metavar="FILE",
                    help="rows from the same population it did not see (e.g. its test split)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
     p.add_argument("--reference-models", type=int, default=2, metavar="N",
@@ -51,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                                reference_settings=args.reference_set,
                                confidence=args.confidence, n_boot=args.n_boot,
                                n_candidates=args.candidates, min_rows=args.min_rows,
-                               seed=args.seed, claimed_epsilon=args.claimed_epsilon)
+                               seed=args.seed, claimed_epsilon=args.claimed_epsilon,
+                               one_run=args.one_run, guesses=args.guesses)
     report = privacy_audit(args.run_dir, args.members, args.non_members, args.out,
                            settings=settings, data_overrides=overrides,
                            log=lambda s: print(s, file=sys.stderr))
@@ -59,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     for s in summary_lines(report)[1:]:
         print(s)
     print(f"report: {report['_paths']['html']}")
-    if not report["passed"]:
+    if report["passed"] is False:
         sys.stderr.write(f"privacy audit {report['verdict']}\n")
         return EXIT_FAILED
     print(report["verdict"])

@@ -36,39 +36,57 @@ def roc_figure(report: dict[str, Any]) -> str:
 
 
 def attack_rows(report: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for a in report["attacks"]:
-        e = a["empirical_epsilon"]
-        rows.append([a["name"], fmt(a["auc"]["value"]), fmt_ci(a["auc"].get("ci"), 3)]
-                    + [x for lv in LEVELS for x in (fmt(a["tpr_at_fpr"][lv]["value"], 4),
-                                                     fmt_ci(a["tpr_at_fpr"][lv].get("ci"), 4))]
-                    + [fmt(e["value"], 2), f"{e['confidence']:.4g}"])
-    return rows
+    return [[a["name"], fmt(a["auc"]["value"]), fmt_ci(a["auc"].get("ci"), 3)]
+            + [x for lv in LEVELS for x in (fmt(a["tpr_at_fpr"][lv]["value"], 4),
+                                             fmt_ci(a["tpr_at_fpr"][lv].get("ci"), 4))]
+            for a in report["attacks"]]
 
 
-HEADERS = ["attack", "AUC", "AUC CI", "TPR@1%FPR", "CI", "TPR@0.1%FPR", "CI", "eps lower bound",
-           "confidence"]
+HEADERS = ["attack", "AUC", "AUC CI", "TPR@1%FPR", "CI", "TPR@0.1%FPR", "CI"]
+
+
+def one_run_rows(o: dict[str, Any]) -> list[list[str]]:
+    return [[str(g["k_pos"]), str(g["k_neg"]), str(g["guesses"]), str(g["correct"]),
+             fmt(g["epsilon_lower_bound"], 3)] for g in o["grid"]]
+
+
+ONE_RUN_HEADERS = ["k+ (guess in)", "k- (guess out)", "guesses", "correct", "eps lower bound"]
+
+
+def one_run_lines(o: dict[str, Any]) -> list[str]:
+    c = o["claim"]
+    claim = ("none (not DP)" if o["claimed_epsilon"] is None else
+             f"{o['claimed_epsilon']:.3g}" + ("" if c["group_size"] == 1 else
+                                             f" (group of {c['group_size']} rows: "
+                                             f"{c['group_size']} x {c['run_epsilon']:.3g})"))
+    return [f"one-run epsilon lower bound {o['epsilon_lower_bound']:.3f} at confidence "
+            f"{o['confidence']:g}, delta {o['delta']:.3g}: {o['correct']} of {o['guesses']} "
+            f"guesses correct over m = {o['m']} canaries ({o['n_included']} included by "
+            f"their coins, {o['repeats']} rows each); claimed epsilon per canary {claim}",
+            f"guess counts: {o['selection']}; score: {o['score']}"]
+
+
+SHOWN = 50  # canary rows in md/html (report.json has all)
 
 
 def canary_rows(c: dict[str, Any]) -> list[list[str]]:
+    """The ``SHOWN`` most exposed canaries (all of them when there are few)."""
+    top = sorted(c["canaries"], key=lambda r: -r["exposure"])[:SHOWN]
     return [[r["secret"], str(r["rank"]), fmt(r["exposure"], 2),
-             fmt(r["exposure_extrapolated"], 2), fmt(r["total_nll"], 2)] for r in c["canaries"]]
+             fmt(r["exposure_extrapolated"], 2), fmt(r["total_nll"], 2)] for r in top]
 
 
 CANARY_HEADERS = ["secret", "rank", "exposure (bits)", "extrapolated (bits)", "total NLL"]
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    claimed = report["claimed_epsilon"]
-    lines = [report["verdict"],
-             f"empirical epsilon lower bound {report['empirical_epsilon']:.2f} "
-             f"({report['empirical_epsilon_attack']} attack, confidence "
-             f"{report['confidence']:g}) vs claimed "
-             + (f"{claimed:.2f}" if claimed is not None else "none (not DP)")]
+    lines = [report["verdict"]]
+    if report.get("one_run"):
+        lines += one_run_lines(report["one_run"])
     for a in report["attacks"]:
         t = a["tpr_at_fpr"]["0.01"]
-        lines.append(f"{a['name']}: AUC {a['auc']['value']:.3f} {fmt_ci(a['auc'].get('ci'), 3)}, "
-                     f"TPR@1%FPR {t['value']:.4f}")
+        lines.append(f"{a['name']} attack (descriptive): AUC {a['auc']['value']:.3f} "
+                     f"{fmt_ci(a['auc'].get('ci'), 3)}, TPR@1%FPR {t['value']:.4f}")
     c = report.get("canaries")
     if c:
         lines.append(f"canaries: mean exposure {c['mean_exposure']:.2f} bits of "
@@ -80,9 +98,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 def to_markdown(report: dict[str, Any]) -> str:
     out = ["# Privacy audit", "", f"Run: `{report['run']['path']}` ({report['run']['task']}); "
            f"{report['n']['members']} members, {report['n']['non_members']} non-members.", ""]
-    out += [f"- {s}" for s in summary_lines(report)] + ["", "## Attacks", ""]
-    out += [md_table(HEADERS, attack_rows(report)), ""]
-    out += [f"- {a['name']}: {a['description']}" for a in report["attacks"]]
+    out += [f"- {s}" for s in summary_lines(report)]
+    if report.get("one_run"):
+        out += ["", "## One-run audit (Steinke, Nasr, Jagielski 2023)", "",
+                md_table(ONE_RUN_HEADERS, one_run_rows(report["one_run"]))]
+    if report["attacks"]:
+        out += ["", "## Membership inference (descriptive only)", "",
+                md_table(HEADERS, attack_rows(report)), ""]
+        out += [f"- {a['name']}: {a['description']}" for a in report["attacks"]]
     if report.get("canaries"):
         out += ["", "## Canary exposure", "", md_table(CANARY_HEADERS,
                                                        canary_rows(report["canaries"]))]
@@ -92,30 +115,40 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 METHOD = [
-    "Empirical epsilon: for an (eps, delta)-DP algorithm every membership test with false "
-    "positive rate FPR and true positive rate TPR satisfies TPR <= e^eps FPR + delta and "
-    "1 - FPR <= e^eps (1 - TPR) + delta. The lower bound is max(log((TPR_lo - delta)/FPR_hi), "
-    "log((1 - FPR_hi - delta)/(1 - TPR_lo))) with Clopper-Pearson ends; the threshold is chosen "
-    "on a random half of the rows and the bound computed on the other half; each attack's "
-    "confidence is Bonferroni-adjusted so that the maximum holds at the stated level.",
-    "The bound is only meaningful if members were drawn at random from the same population "
-    "as the non-members; it is a lower bound: a bound below the claim does not prove the claim.",
-    "AUC and TPR-at-FPR intervals: Poisson bootstrap percentile intervals.",
+    "One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023): each of m canaries was "
+    "included in training by an independent fair coin drawn from the OS. Every canary is "
+    "scored by the model; the k+ highest scores are guessed 'in', the k- lowest 'out', the "
+    "rest abstain. Under (eps, delta)-DP per canary, P[>= v correct of r] <= "
+    "P[Binomial(r, e^eps/(1+e^eps)) >= v] + 2 m delta max_i P[v-i <= Binomial < v]/i; the "
+    "bound is the largest eps this rejects at 1 - confidence. It assumes only the fair, "
+    "secret coins and scores that do not see them; when (k+, k-) is searched over a grid, "
+    "each pair is tested at (1 - confidence)/G (Bonferroni). It is a lower bound: a bound "
+    "below the claim does not prove the claim. A canary of k rows under example-level DP is "
+    "tested against group privacy (k eps, k e^((k-1) eps) delta).",
+    "Membership inference over members/non-members is descriptive only: AUC and TPR at low "
+    "FPR with Poisson-bootstrap percentile intervals that treat rows as independent. Rows "
+    "share one model and users, and members are chosen by a split, not by independent coins, "
+    "so no epsilon bound or verdict is drawn from it.",
 ]
 
 
 def to_html(report: dict[str, Any]) -> str:
-    ok = report["passed"]
+    ok = report["passed"] is not False
     lead = (f'<div class="lead{" ok" if ok else ""}"><ul>'
             + "".join(f"<li>{esc(s)}</li>" for s in summary_lines(report)) + "</ul></div>")
     body = [f"<h1>Privacy audit</h1><p class=\"meta\">run {esc(report['run']['path'])} "
             f"({esc(report['run']['task'])}); {report['n']['members']} members, "
             f"{report['n']['non_members']} non-members; versions "
-            f"{esc(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}</p>", lead,
-            "<h2>Membership inference</h2>",
-            table(HEADERS, [[esc(c) for c in r] for r in attack_rows(report)]),
-            "<ul>" + "".join(f"<li><b>{esc(a['name'])}</b>: {esc(a['description'])}</li>"
-                             for a in report["attacks"]) + "</ul>", roc_figure(report)]
+            f"{esc(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}</p>", lead]
+    if report.get("one_run"):
+        body += ["<h2>One-run audit (Steinke, Nasr, Jagielski 2023)</h2>",
+                 table(ONE_RUN_HEADERS, [[esc(c) for c in r]
+                                         for r in one_run_rows(report["one_run"])])]
+    if report["attacks"]:
+        body += ["<h2>Membership inference (descriptive only)</h2>",
+                 table(HEADERS, [[esc(c) for c in r] for r in attack_rows(report)]),
+                 "<ul>" + "".join(f"<li><b>{esc(a['name'])}</b>: {esc(a['description'])}</li>"
+                                  for a in report["attacks"]) + "</ul>", roc_figure(report)]
     if report.get("canaries"):
         body += ["<h2>Canary exposure</h2>",
                  table(CANARY_HEADERS, [[esc(c) for c in r]

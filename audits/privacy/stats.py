@@ -1,5 +1,9 @@
-"""Statistics of a membership-inference attack: ROC, AUC, TPR at low FPR, their intervals, and
-an honest empirical lower bound on epsilon.
+"""Statistics of a membership-inference attack: ROC, AUC, TPR at low FPR and their intervals.
+
+Descriptive only. An epsilon lower bound from members vs non-members (Clopper-Pearson over
+rows) used to live here; it treated every row as an independent trial of the DP game, which
+they are not (one shared model, rows sharing users, members chosen by a split), so its
+confidence was not justified. The valid bound is the one-run audit (``one_run.py``).
 
 Conventions: a higher score means "more likely a member"; the attack predicts "member" when
 ``score >= t``. The ROC points are the thresholds at every distinct score (ties move together,
@@ -10,8 +14,8 @@ Inference Attacks From First Principles").
 Intervals: the AUC and TPR-at-FPR intervals are percentile intervals of a Poisson bootstrap
 (every example gets an independent Poisson(1) weight, resampling members and non-members
 independently). All resamples share one sort of the scores, so 1,000 resamples of 20,000 rows
-take about a second. The epsilon bound uses exact Clopper-Pearson intervals instead, because a
-bootstrap is unreliable exactly where the bound lives: a handful of false positives.
+take about a second. The intervals also assume independent rows, so they describe the
+variability of these rows, not a guarantee about the model.
 """
 
 from __future__ import annotations
@@ -20,24 +24,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import betaincinv
 
 FPR_LEVELS = (0.01, 0.001)
-
-
-def clopper_pearson(k: np.ndarray | int, n: np.ndarray | int,
-                    confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Exact two-sided binomial interval for ``k`` successes in ``n`` trials (vectorized).
-
-    Each end holds with probability >= 1 - (1 - confidence) / 2, so a lower end of one
-    proportion and an upper end of another hold together with probability >= ``confidence``
-    (union bound): what the epsilon bound below needs.
-    """
-    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
-    a = (1.0 - confidence) / 2.0
-    lo = np.where(k > 0, betaincinv(np.maximum(k, 1e-300), n - k + 1, a), 0.0)
-    hi = np.where(k < n, betaincinv(k + 1, np.maximum(n - k, 1e-300), 1 - a), 1.0)
-    return lo, hi
 
 
 @dataclass
@@ -110,71 +98,3 @@ def roc_summary(scores: np.ndarray, member: np.ndarray, *, n_boot: int = 1000,
 def _quantiles(x: np.ndarray, q: list[float]) -> list[float]:
     x = x[np.isfinite(x)]
     return [float(v) for v in np.quantile(x, q)] if len(x) else [math.nan, math.nan]
-
-
-# ---- the empirical epsilon lower bound --------------------------------------------------
-def epsilon_bounds(tp: np.ndarray, n_pos: int, fp: np.ndarray, n_neg: int, delta: float,
-                   confidence: float) -> tuple[np.ndarray, dict]:
-    """Lower bounds on epsilon from attack counts at one or more thresholds (vectorized).
-
-    An (epsilon, delta)-DP training algorithm limits every membership test (Kairouz et al.
-    2015; the audits of Jagielski et al. 2020 and Nasr et al. 2021): with FPR a and
-    FNR b = 1 - TPR,  a + e^eps b >= 1 - delta  and  b + e^eps a >= 1 - delta, so
-
-        eps >= log((TPR - delta) / FPR)   and   eps >= log((1 - FPR - delta) / (1 - TPR)).
-
-    The rates are estimates, so each side uses its pessimistic Clopper-Pearson end: TPR's
-    lower end and FPR's upper end in *both* expressions (the numerator small, the
-    denominator large). Both ends hold together with probability >= ``confidence``.
-    """
-    tpr_lo, _ = clopper_pearson(tp, n_pos, confidence)
-    _, fpr_hi = clopper_pearson(fp, n_neg, confidence)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        e1 = np.where((tpr_lo > delta) & (fpr_hi > 0),
-                      np.log(np.maximum(tpr_lo - delta, 1e-300) / fpr_hi), 0.0)
-        e2 = np.where((1 - fpr_hi - delta > 0) & (tpr_lo < 1),
-                      np.log(np.maximum(1 - fpr_hi - delta, 1e-300) / (1 - tpr_lo)), 0.0)
-    eps = np.maximum(np.maximum(e1, e2), 0.0)
-    return eps, {"tpr_lo": tpr_lo, "fpr_hi": fpr_hi, "which": np.where(e1 >= e2, 1, 2)}
-
-
-def _counts_at(scores: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray, Sorted]:
-    st = sort_scores(scores, member)
-    tp = np.cumsum(np.add.reduceat(st.member.astype(float), st.starts))
-    fp = np.cumsum(np.add.reduceat((~st.member).astype(float), st.starts))
-    return tp, fp, st
-
-
-def empirical_epsilon(scores: np.ndarray, member: np.ndarray, *, delta: float,
-                      confidence: float = 0.95, seed: int = 0) -> dict:
-    """An honest lower bound on epsilon from one attack's scores.
-
-    Picking the best of many thresholds on the same data would overstate the bound (the
-    maximum of many noisy estimates). So members and non-members are each split at random
-    into halves: the threshold that maximizes the bound on the first half is chosen, and the
-    bound is computed once, at that threshold, on the second half. The result holds with
-    probability >= ``confidence`` if the members were drawn at random from the same
-    population as the non-members (the DP game); a distribution shift between the two files
-    shows up as leakage that DP does not promise to hide.
-    """
-    scores, member = np.asarray(scores, dtype=float), np.asarray(member, dtype=bool)
-    rng = np.random.default_rng([seed, 0xE95])
-    half = np.zeros(len(scores), dtype=bool)
-    for grp in (np.flatnonzero(member), np.flatnonzero(~member)):
-        half[rng.permutation(grp)[: len(grp) // 2]] = True
-    tp, fp, st = _counts_at(scores[half], member[half])
-    eps_sel, _ = epsilon_bounds(tp, int(member[half].sum()), fp, int((~member[half]).sum()),
-                                delta, confidence)
-    t = float(st.thresholds[int(np.argmax(eps_sel))])
-    s2, m2 = scores[~half], member[~half]
-    n_pos, n_neg = int(m2.sum()), int((~m2).sum())
-    tp2, fp2 = int(((s2 >= t) & m2).sum()), int(((s2 >= t) & ~m2).sum())
-    eps, info = epsilon_bounds(np.array([tp2]), n_pos, np.array([fp2]), n_neg, delta,
-                               confidence)
-    return {"value": float(eps[0]), "confidence": confidence, "delta": delta,
-            "threshold": t, "selected_on_first_half": float(np.max(eps_sel)),
-            "tpr": tp2 / max(n_pos, 1), "fpr": fp2 / max(n_neg, 1),
-            "tpr_lo": float(info["tpr_lo"][0]), "fpr_hi": float(info["fpr_hi"][0]),
-            "n_members": n_pos, "n_non_members": n_neg,
-            "bound": ("log((TPR_lo - delta) / FPR_hi)" if info["which"][0] == 1
-                      else "log((1 - FPR_hi - delta) / (1 - TPR_lo))")}

@@ -157,11 +157,21 @@ def noise_sentence(source: str | None) -> str:
 def _empirical(e: dict[str, Any] | None, priv: dict[str, Any]) -> list[Block]:
     if e is None:
         return [("p", "No empirical privacy audit was attached to this release.")]
+    one = e.get("one_run")
+    if one:
+        lead = (f"The one-run canary audit (Steinke, Nasr, Jagielski 2023: {_f(one.get('m'))} "
+                f"canaries each included by a fair coin, {_f(one.get('correct'))} of "
+                f"{_f(one.get('guesses'))} guesses correct) gives an empirical lower bound "
+                f"epsilon >= {_f(e['empirical_epsilon'])} (confidence {_f(e['confidence'])})")
+    elif e["empirical_epsilon"] is None:
+        lead = ("Membership-inference attacks were run; they are descriptive only (AUC, TPR at "
+                "low FPR) and give no epsilon bound")
+    else:
+        lead = (f"The attached audit reports an empirical lower bound epsilon >= "
+                f"{_f(e['empirical_epsilon'])} (confidence {_f(e['confidence'])})")
     return [_binding("empirical privacy audit", e),
-            ("p", f"Membership-inference and canary attacks give an empirical lower bound "
-                  f"epsilon >= {_f(e['empirical_epsilon'])} (confidence "
-                  f"{_f(e['confidence'])}), against the claimed "
-                  f"{_f(priv['epsilon'])}. The audit's own verdict: "
+            ("p", f"{lead}, against the claimed {_f(priv['epsilon'])}. The audit's own "
+                  f"verdict: "
                   f"{'passed' if e['passed'] else 'failed' if e['passed'] is False else 'n/a'}."),
             ("ul", [", ".join(f"{k} {_f(v)}" for k, v in a.items()) for a in e["attacks"]])]
 

@@ -7,8 +7,11 @@ Keys (all optional; a file may also put them under a ``[policy]`` table)::
     max_delta = 1e-5                # claimed delta at most this               (default none)
     recompute_epsilon = true        # a fresh Opacus accountant on the history
                                     # gives no more than the claim             (default true)
-    require_empirical_audit = true  # an empirical privacy audit is attached   (default false)
-    empirical_le_claimed = true     # its lower bound <= the claimed epsilon
+    require_empirical_audit = true  # a privacy audit with an epsilon bound is
+                                    # attached (the one-run audit; membership
+                                    # inference alone gives no bound)          (default false)
+    empirical_le_claimed = true     # its lower bound <= the claimed epsilon (a
+                                    # one-run bound: <= group_size x epsilon)
                                     # (checked when an audit is attached)      (default true)
     require_fairness_audit = true   # a fairness audit is attached             (default false)
     max_flagged_disparities = 0     # at most this many flagged disparities    (default none)

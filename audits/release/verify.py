@@ -186,9 +186,15 @@ def _recompute_gate(priv: dict[str, Any], eps: float) -> tuple[bool, str]:
 
 
 def _empirical_gate(emp: dict[str, Any], eps: float | None) -> tuple[bool, str]:
+    """The audit's bound against the claim. A one-run bound concerns one canary, which under
+    example-level DP is a group of ``group_size`` rows: its claim is group_size x epsilon."""
     bound = emp.get("empirical_epsilon")
     conf = emp.get("confidence")
-    claim = f"{eps:.4g}" if eps is not None else "infinity (no DP)"
+    one = emp.get("one_run") if isinstance(emp.get("one_run"), dict) else {}
+    size = one.get("group_size") if isinstance(one.get("group_size"), int) else 1
+    eps = eps * size if eps is not None else None
+    claim = (f"{eps:.4g}" + (f" ({size}-row canary)" if size > 1 else "")
+             if eps is not None else "infinity (no DP)")
     if bound is None:
         return True, f"the audit reports no finite lower bound; claimed {claim}"
     ok = eps is None or bound <= eps
