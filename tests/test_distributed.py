@@ -45,3 +45,39 @@ def test_two_gloo_processes_match_one_process(tmp_path, cls_csv):
     lb = json.loads((tmp_path / "two/privacy.json").read_text())
     assert la["history"] == lb["history"] and la["epsilon"] == pytest.approx(lb["epsilon"])
     assert la["expected_batch_size"] == lb["expected_batch_size"]
+
+
+RANKS_SHARE_SECRET = """
+import torch, torch.distributed as dist
+from safelm.config import PrivacyConfig
+from safelm.distributed import init_from_env
+from safelm.privacy import DifferentialPrivacy
+init_from_env()
+p = DifferentialPrivacy(PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1e-4),
+                        n_units=100, batch_size=10)
+drawn = p.seed
+model = torch.nn.Linear(4, 2)
+p.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+               torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+                   torch.zeros(100, 4), torch.zeros(100, 4, dtype=torch.long),
+                   torch.ones(100, dtype=torch.long), torch.zeros(100, dtype=torch.long))))
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, (drawn, p.seed))
+assert len({d for d, _ in every}) == 2, every  # each rank drew its own secret from the OS
+assert len({s for _, s in every}) == 1 and every[0][1] == every[0][0], every  # rank 0's wins
+dist.barrier()
+print("shared", dist.get_rank())
+"""
+
+
+def test_torchrun_ranks_share_rank_0s_os_entropy_secret(tmp_path):
+    """The DP secret of rank 0 reaches every rank by a broadcast; no file is written."""
+    script = tmp_path / "share.py"
+    script.write_text(RANKS_SHARE_SECRET)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29534", str(script)], capture_output=True, text=True,
+                         env=env, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("shared") == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["share.py"]  # nothing went to disk
