@@ -116,11 +116,11 @@ class Crash(Exception):
     pass
 
 
-def test_resume_continues_the_secret_stream(cls_csv, tmp_path, monkeypatch):
-    """Two resumes of one interrupted run end bit-identical: the secret seed and the noise
-    generator's state come back from resume/ (not from a fresh OS draw)."""
+def _two_resumes_of_one_crash(data, tmp_path, monkeypatch, keep_secret: bool) -> bool:
+    """Crash a DP run at step 5 (after the step-3 checkpoint), resume two copies of it;
+    whether they end bit-identical."""
+    import safelm.privacy.engine as eng
     import safelm.trainer as tr
-    extra = ("train.epochs=3", "train.checkpoint_every=3")
     orig = tr.Trainer._on_step
 
     def crashing(self, trainer):
@@ -129,38 +129,29 @@ def test_resume_continues_the_secret_stream(cls_csv, tmp_path, monkeypatch):
             raise Crash
     monkeypatch.setattr(tr.Trainer, "_on_step", crashing)
     with pytest.raises(Crash):
-        train_run(cls_csv, cfg(*extra), tmp_path / "cut")
+        train_run(data, cfg("train.epochs=3", "train.checkpoint_every=3"), tmp_path / "cut")
     monkeypatch.setattr(tr.Trainer, "_on_step", orig)
+    if not keep_secret:  # the control: resume forgets the stored secret (a fresh OS draw)
+        monkeypatch.setattr(eng.DifferentialPrivacy, "load_rng_state", lambda self, st: None)
     shutil.copytree(tmp_path / "cut", tmp_path / "cut2")
     for name in ("cut", "cut2"):
-        train_run(cls_csv, None, tmp_path / name, resume=True)
-    assert same(tmp_path / "cut", tmp_path / "cut2")
+        train_run(data, None, tmp_path / name, resume=True)
     la = json.loads((tmp_path / "cut/privacy.json").read_text())
     lb = json.loads((tmp_path / "cut2/privacy.json").read_text())
     assert la["history"] == lb["history"] and la["steps"] > 5
+    return same(tmp_path / "cut", tmp_path / "cut2")
+
+
+def test_resume_continues_the_secret_stream(cls_csv, tmp_path, monkeypatch):
+    """Two resumes of one interrupted run end bit-identical: the secret seed and the noise
+    generator's state come back from resume/ (not from a fresh OS draw)."""
+    assert _two_resumes_of_one_crash(cls_csv, tmp_path, monkeypatch, keep_secret=True)
 
 
 def test_resume_without_the_secret_state_would_diverge(cls_csv, tmp_path, monkeypatch):
     """The control of the test above: had resume drawn a fresh secret, the two resumes would
     differ, so the equality above is evidence that the stored stream was continued."""
-    import safelm.privacy.engine as eng
-    import safelm.trainer as tr
-    extra = ("train.epochs=3", "train.checkpoint_every=3")
-    orig = tr.Trainer._on_step
-
-    def crashing(self, trainer):
-        orig(self, trainer)
-        if self.global_step == 5:
-            raise Crash
-    monkeypatch.setattr(tr.Trainer, "_on_step", crashing)
-    with pytest.raises(Crash):
-        train_run(cls_csv, cfg(*extra), tmp_path / "cut")
-    monkeypatch.setattr(tr.Trainer, "_on_step", orig)
-    monkeypatch.setattr(eng.DifferentialPrivacy, "load_rng_state", lambda self, state: None)
-    shutil.copytree(tmp_path / "cut", tmp_path / "cut2")
-    for name in ("cut", "cut2"):
-        train_run(cls_csv, None, tmp_path / name, resume=True)
-    assert not same(tmp_path / "cut", tmp_path / "cut2")
+    assert not _two_resumes_of_one_crash(cls_csv, tmp_path, monkeypatch, keep_secret=False)
 
 
 def test_federated_server_randomness_is_secret_unless_reproducible():
