@@ -66,7 +66,8 @@ dist.all_gather_object(every, (drawn, p.seed))
 assert len({d for d, _ in every}) == 2, every  # each rank drew its own secret from the OS
 assert len({s for _, s in every}) == 1 and every[0][1] == every[0][0], every  # rank 0's wins
 dist.barrier()
-print("shared", dist.get_rank())
+print("shared", dist.get_rank(), flush=True)
+dist.destroy_process_group()  # a gloo group left open can abort the process at exit
 """
 
 
