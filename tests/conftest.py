@@ -42,6 +42,17 @@ def write_lm_txt(path: Path, n: int = 80, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train faster on one thread (and much faster on a busy machine); modules
+    that train several use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cls_csv(tmp_path: Path) -> Path:
     return write_cls_csv(tmp_path / "cls.csv")

@@ -58,12 +58,8 @@ def test_bad_probe_sets_are_refused(bad, message):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and much faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here trains or scores tiny models: one torch thread."""
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,8 @@ from release_helpers import cli, failed_gates, one_error_line, sha
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread (and much faster on a busy machine)."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here trains or scores tiny models: one torch thread."""
 
 
 @pytest.fixture(scope="module")
