@@ -374,6 +374,30 @@ def test_privacy_audit_is_tied_to_the_weights_when_it_records_them(capsys, dp_ru
     assert rc == 0, err
 
 
+def test_a_descriptive_privacy_audit_does_not_satisfy_require_empirical_audit(
+        capsys, dp_run, tmp_path):
+    """Membership inference gives no epsilon bound: the gate must fail, and say why (planted),
+    while a one-run bound attached the same way passes it (control)."""
+    eps = json.loads((dp_run / "privacy.json").read_text())["epsilon"]
+    pol = write_policy(tmp_path, "require_empirical_audit = true\n")
+    for name, bound in (("descriptive", None), ("bound", 0.3)):
+        rep = planted_privacy_audit(tmp_path / f"{name}.json", eps, 0.3,
+                                    dp_run / "model.safetensors")
+        report = json.loads(rep.read_text())
+        report["empirical_epsilon"] = bound
+        report["passed"] = None if bound is None else True
+        rep.write_text(json.dumps(report))
+        rc, _, err = cli(capsys, "release", dp_run, "--out", tmp_path / name,
+                         "--privacy-audit", rep)
+        assert rc == 0, err
+        rc, out, _ = cli(capsys, "verify", tmp_path / name, "--policy", pol)
+        if bound is None:
+            assert rc == 1 and failed_gates(out) == {"require_empirical_audit"}, out
+            assert "no epsilon bound" in out and "--one-run" in out, out
+        else:
+            assert rc == 0, out
+
+
 def test_missing_audits_fail_policies_that_require_them(capsys, plain_run, tmp_path):
     rc, _, _ = cli(capsys, "release", plain_run, "--out", tmp_path / "rel")
     pol = write_policy(tmp_path, "require_empirical_audit = true\nrequire_fairness_audit = "

@@ -118,8 +118,7 @@ def policy_gates(pol: Policy, m: dict[str, Any]
     if pol.require_empirical_audit:
         gates.append(("require_empirical_audit", lambda: (
             emp is not None and emp.get("empirical_epsilon") is not None,
-            "attached" if emp else "no empirical privacy audit attached (release with "
-                                   "--privacy-audit)")))
+            _empirical_audit_detail(emp))))
     if pol.empirical_le_claimed and emp is not None:
         gates.append(("empirical_le_claimed", lambda: _empirical_gate(emp, eps)))
     if pol.require_fairness_audit:
@@ -183,6 +182,17 @@ def _recompute_gate(priv: dict[str, Any], eps: float) -> tuple[bool, str]:
     ok = eps >= again * (1 - REL_TOL)
     return ok, (f"a fresh {priv['accountant']} accountant gives {again:.4g} from the history; "
                 f"claimed {eps:.4g}" + ("" if ok else " (the claim understates it)"))
+
+
+def _empirical_audit_detail(emp: dict[str, Any] | None) -> str:
+    """What ``require_empirical_audit`` saw: it needs an audit that bounds epsilon."""
+    if emp is None:
+        return "no empirical privacy audit attached (release with --privacy-audit)"
+    if emp.get("empirical_epsilon") is None:
+        return ("the attached privacy audit gives no epsilon bound (membership inference is "
+                "descriptive only); attach a one-run audit: train with "
+                "privacy.canary_inclusion=bernoulli, then 'safelm audit privacy RUN --one-run'")
+    return f"attached, with an epsilon lower bound of {emp['empirical_epsilon']}"
 
 
 def _empirical_gate(emp: dict[str, Any], eps: float | None) -> tuple[bool, str]:
