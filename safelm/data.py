@@ -21,6 +21,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -220,9 +221,31 @@ class Encoded:
     weights: torch.Tensor | None = None  # [N] loss weight per block (train.reweight) or None
 
 
+class Batch(NamedTuple):
+    """One batch (or, from a dataset, one block) as the Trainer and the DP engine see it.
+
+    Fields are tensors with the batch dimension first; ``weights`` is None unless the training
+    set carries per-block loss weights (``train.reweight``).
+    """
+
+    input_ids: torch.Tensor  # [B, T] int64, padded with pad_id
+    targets: torch.Tensor  # [B, T] LM next tokens (-100 at padding); classify: [B, 0]
+    lengths: torch.Tensor  # [B] real tokens in input_ids
+    labels: torch.Tensor  # [B] class ids (classify), -1 (lm), -100 (a DP padding row)
+    weights: torch.Tensor | None = None  # [B] loss weight per block, or None
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
+
+    @staticmethod
+    def collate(items: list[Batch]) -> Batch:
+        """Stack blocks into a batch (torch's default collate cannot stack a None field)."""
+        return Batch(*(None if col[0] is None else torch.stack(col) for col in zip(*items)))
+
+
 class BlockDataset(Dataset):
-    """Tuples ``(input_ids, targets, lengths, labels)`` over an :class:`Encoded`, with the
-    block's loss weight appended when the encoding carries weights (``train.reweight``)."""
+    """:class:`Batch` items over an :class:`Encoded`, one per block; ``weights`` is the
+    block's loss weight when the encoding carries weights (``train.reweight``)."""
 
     def __init__(self, enc: Encoded):
         self.enc = enc
@@ -230,11 +253,10 @@ class BlockDataset(Dataset):
     def __len__(self) -> int:
         return self.enc.input_ids.shape[0]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Batch:
         e = self.enc
-        if e.weights is not None:
-            return e.input_ids[i], e.targets[i], e.lengths[i], e.labels[i], e.weights[i]
-        return e.input_ids[i], e.targets[i], e.lengths[i], e.labels[i]
+        return Batch(e.input_ids[i], e.targets[i], e.lengths[i], e.labels[i],
+                     None if e.weights is None else e.weights[i])
 
 
 def encode_rows(rows: pd.DataFrame, tokenizer, block_size: int, task: str,

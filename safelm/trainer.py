@@ -2,9 +2,9 @@
 
 ``train_one_epoch`` and ``evaluate`` are the only training and evaluation code in SafeLM: a
 federated client calls them for its local epochs, and differential privacy wraps the model,
-optimizer and data loader they use (Opacus style) instead of forking the loop. A ``privacy``
-object, when given, is asked once for private look-alikes of the three; the loop then runs
-unchanged.
+optimizer and data loader they use (Opacus style) instead of forking the loop. A
+:class:`Privacy` (:class:`NoPrivacy` unless DP is asked for) is asked once for look-alikes of
+the three, and the loop calls only its declared methods: one loop, no DP branches.
 
 Exact resume: the data order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone,
 and a checkpoint stores the position in it together with the optimizer, scheduler and RNG
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import rundir
 from .config import TrainConfig
+from .data import Batch
 from .distributed import current
 
 
@@ -54,18 +55,81 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 class Privacy(Protocol):
-    """What the Trainer needs from a privacy engine (see ``safelm.privacy``)."""
+    """Everything the Trainer asks of whatever wraps its loop: :class:`NoPrivacy` for
+    central training, :class:`safelm.privacy.DifferentialPrivacy` for DP-SGD. The loop calls
+    these methods and nothing else, so it is one loop for both."""
 
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer,
-                     data_loader: DataLoader) -> tuple[nn.Module, Any, DataLoader]: ...
+                     data_loader: DataLoader) -> tuple[nn.Module, Any, DataLoader]:
+        """Look-alikes of the model, optimizer and loader that the loop then uses."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def can_step(self) -> bool:
+        """False when the next optimizer step must not be taken (a spent privacy budget)."""
+
+    def budget_message(self) -> str:
+        """Why :meth:`can_step` said no (logged as the run's stop reason)."""
+
+    def before_step(self, module: nn.Module) -> None:
+        """After ``backward``, before ``optimizer.step`` (central: global gradient clipping)."""
+
+    def took_step(self) -> bool:
+        """Whether the last ``optimizer.step()`` updated the weights (False: one physical
+        batch of a logical batch that is still accumulating)."""
+
+    def ledger(self) -> dict[str, Any] | None:
+        """``privacy.json`` to publish beside the weights, or None (nothing to claim)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state that may be published (accountant history)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def rng_state(self) -> dict[str, Any]: ...  # secret: written to resume/ only
+    def rng_state(self) -> dict[str, Any]:
+        """Secret state (the noise seed and generator): written to resume/ only."""
 
     def load_rng_state(self, state: dict[str, Any]) -> None: ...
+
+
+class NoPrivacy:
+    """Central (non-private) training as a :class:`Privacy`: PyTorch's DDP under torchrun,
+    global gradient-norm clipping (``train.grad_clip``), every step taken, nothing to claim."""
+
+    def __init__(self, grad_clip: float = 0.0):
+        self.grad_clip = grad_clip
+
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     data_loader: DataLoader) -> tuple[nn.Module, Any, DataLoader]:
+        if current().active:
+            module = nn.parallel.DistributedDataParallel(module)
+        return module, optimizer, data_loader
+
+    def can_step(self) -> bool:
+        return True
+
+    def budget_message(self) -> str:
+        return ""
+
+    def before_step(self, module: nn.Module) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
+
+    def took_step(self) -> bool:
+        return True
+
+    def ledger(self) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def rng_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_rng_state(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,26 +151,28 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_loss(model: nn.Module, batch, task: str) -> tuple[torch.Tensor, int]:
+def batch_loss(model: nn.Module, batch: Batch, task: str) -> tuple[torch.Tensor, int]:
     """Mean over the batch's rows of each row's own loss, and the number of rows.
 
     A row's loss is its mean token NLL (LM) or its label's cross-entropy; it depends on that
     row alone, which is what per-sample clipping (DP-SGD) needs. Padding rows (all targets
     -100) have loss 0 and still count in the mean, as DP's user-level batches need; an empty
-    batch (Poisson sampling) gives a zero loss that still backpropagates. A fifth batch
-    element, when present, weights each row's loss (``train.reweight``).
+    batch (Poisson sampling) gives a zero loss that still backpropagates. ``batch.weights``,
+    when present, weights each row's loss (``train.reweight``).
     """
-    x, y, lengths, labels = batch[:4]
+    b = batch if isinstance(batch, Batch) else Batch(*batch)
+    x = b.input_ids
     rows = max(x.shape[0], 1)
     if task == "lm":
         logits = model(x)  # [B, T, V]
-        nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
-        per_row = nll.sum(1) / (y != -100).sum(1).clamp(min=1)  # [B]
+        nll = F.cross_entropy(logits.transpose(1, 2), b.targets, ignore_index=-100,
+                              reduction="none")
+        per_row = nll.sum(1) / (b.targets != -100).sum(1).clamp(min=1)  # [B]
     else:
-        logits = model(x, lengths)  # [B, n_classes]
-        per_row = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
-    if len(batch) > 4:
-        per_row = per_row * batch[4]
+        logits = model(x, b.lengths)  # [B, n_classes]
+        per_row = F.cross_entropy(logits, b.labels, ignore_index=-100, reduction="none")
+    if b.weights is not None:
+        per_row = per_row * b.weights
     return per_row.sum() / rows, x.shape[0]
 
 
@@ -137,8 +203,9 @@ def evaluate_model(model: nn.Module, dataset: Dataset | None, task: str, batch_s
     was_training = model.training
     model.eval()
     loss_sum, units, preds, truth = 0.0, 0, [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()):
-        x, y, lengths, labels = (t.to(device, non_blocking=True) for t in batch)
+    for batch in DataLoader(dataset, batch_size=batch_size, generator=torch.Generator(),
+                            collate_fn=Batch.collate):
+        x, y, lengths, labels = batch.to(device)[:4]
         if task == "lm":
             logits = model(x)
             loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(),
@@ -178,20 +245,19 @@ class Trainer:
                                          ddp.rank, ddp.world)
         # A private generator: otherwise each new loader iterator draws a seed from the global
         # RNG, which would shift dropout noise after a mid-epoch resume.
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler,
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, collate_fn=Batch.collate,
                                  generator=torch.Generator().manual_seed(cfg.seed))
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.privacy = privacy
-        if ddp.active and privacy is None:  # non-private data parallel: PyTorch's DDP
-            self.model = nn.parallel.DistributedDataParallel(self.model)
-        if privacy is not None:  # private look-alikes; the loop below does not change
-            self.model, self.optimizer, self.loader = privacy.make_private(
-                self.model, self.optimizer, self.loader)
-            self.sampler = self.loader.batch_sampler
+        # Look-alikes of model, optimizer and loader (DP-SGD, or DDP for central training);
+        # the loop below is the same for every Privacy.
+        self.privacy: Privacy = privacy if privacy is not None else NoPrivacy(cfg.grad_clip)
+        self.model, self.optimizer, self.loader = self.privacy.make_private(
+            self.model, self.optimizer, self.loader)
+        self.sampler = self.loader.batch_sampler
         self.steps_per_epoch = len(self.sampler)
         epochs_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = (min(cfg.max_steps, epochs_steps) if cfg.max_steps and cfg.epochs
@@ -204,8 +270,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # ---- the loop -------------------------------------------------------------------------
-    def _to_device(self, batch):
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+    def _to_device(self, batch: Batch) -> Batch:
+        return Batch(*batch).to(self.device)
 
     def _progress(self, total: int, initial: int, desc: str) -> tqdm:
         mode = self.cfg.progress
@@ -230,21 +296,20 @@ class Trainer:
         for batch in self.loader:
             if self.global_step >= self.total_steps:
                 break
-            if self.privacy is not None and not self.privacy.can_step():
+            if not self.privacy.can_step():
                 self.stop_reason = self.privacy.budget_message()
                 break
             batch = self._to_device(batch)
             loss, n = batch_loss(self.model, batch, self.task)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.privacy is None and self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.privacy.before_step(self.model)
             self.optimizer.step()
             loss_sum += float(loss.detach()) * n
             units += n
-            tokens += int(batch[2][batch[3] != -100].sum())  # padding rows excluded
+            tokens += int(batch.lengths[batch.labels != -100].sum())  # padding rows excluded
             step_loss, step_rows = step_loss + float(loss.detach()) * n, step_rows + n
-            if getattr(self.optimizer, "_is_last_step_skipped", False):
+            if not self.privacy.took_step():
                 continue  # a physical batch inside a logical one (max_physical_batch_size)
             self.scheduler.step()
             self.global_step += 1
@@ -314,8 +379,9 @@ class Trainer:
                    "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["rng_cuda"] = torch.cuda.get_rng_state_all()
-        if self.privacy is not None:  # the secret noise seed: resume/ only, never released
-            tensors["privacy_rng"] = self.privacy.rng_state()
+        secret = self.privacy.rng_state()
+        if secret:  # the secret noise seed: resume/ only, never released
+            tensors["privacy_rng"] = secret
         return tensors
 
     def checkpoint(self) -> None:
@@ -327,12 +393,14 @@ class Trainer:
             epoch, pos = epoch + 1, 0
         state = {"global_step": self.global_step, "epoch": epoch, "step_in_epoch": pos,
                  "total_steps": self.total_steps}
-        if self.privacy is not None:
-            state["privacy"] = self.privacy.state_dict()
+        private_state = self.privacy.state_dict()
+        if private_state:
+            state["privacy"] = private_state
         rundir.save_resume(self.run_dir, self.model, self.state_tensors(), state)
         rundir.save_weights(self.model, self.run_dir / rundir.WEIGHTS)
-        if self.privacy is not None:  # the ledger always matches the published weights
-            rundir.atomic_write_json(self.run_dir / rundir.PRIVACY, self.privacy.ledger())
+        ledger = self.privacy.ledger()
+        if ledger is not None:  # the ledger always matches the published weights
+            rundir.atomic_write_json(self.run_dir / rundir.PRIVACY, ledger)
         rundir.write_checksums(self.run_dir)  # load_run refuses files changed after this
 
     def restore(self, write: bool = True) -> tuple[int, int]:
@@ -344,9 +412,9 @@ class Trainer:
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(tensors["rng_cuda"])
-        if self.privacy is not None and "privacy" in state:
+        if "privacy" in state:
             self.privacy.load_state_dict(state["privacy"])
-        if self.privacy is not None and "privacy_rng" in tensors:
+        if "privacy_rng" in tensors:
             self.privacy.load_rng_state(tensors["privacy_rng"])
         self.global_step = state["global_step"]
         if not write:

@@ -131,16 +131,16 @@ def test_keep_freed_memory_is_applied_on_glibc_and_can_be_turned_off(monkeypatch
 
 @pytest.mark.parametrize("physical_batches", [1, 3])
 def test_lean_noise_steps_equal_opacus_own(physical_batches):
-    """BK's optimizer accumulates, noises and scales without Opacus' copies (bk._LeanSteps):
+    """BK's optimizer accumulates, noises and scales without Opacus' copies (internals.LeanSteps):
     from the same generator state it must give Opacus' own update bit for bit, over one and
     over several accumulated physical batches."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    from safelm.privacy.bk import _LeanSteps
+    from safelm.privacy.internals import LeanSteps
     grads = [[torch.randn(5, 3, generator=torch.Generator().manual_seed(10 * b + i))
               for i in range(2)] for b in range(physical_batches)]
     updates = []
-    for cls in (DPOptimizerFastGradientClipping, _LeanSteps):
+    for cls in (DPOptimizerFastGradientClipping, LeanSteps):
         params = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in range(2)]
         opt = cls(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.3, max_grad_norm=0.7,
                   expected_batch_size=4, generator=torch.Generator().manual_seed(3))

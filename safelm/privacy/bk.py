@@ -52,10 +52,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.optimizers.ddpoptimizer_fast_gradient_clipping import (
     DistributedDPOptimizerFastGradientClipping)
+
+from .internals import LeanSteps, layer_norm_saved_stats
 
 SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
@@ -104,14 +104,11 @@ class _GradTap(torch.autograd.Function):
 def _saved_stats(output: torch.Tensor, a: torch.Tensor, k: int) -> tuple | None:
     """(mean, rstd) that ``native_layer_norm`` saved for its backward, shaped to broadcast
     against its input; None when unavailable (then the hook normalizes again)."""
-    node = output.grad_fn
-    if type(node).__name__ != "NativeLayerNormBackward0":
+    saved = layer_norm_saved_stats(output.grad_fn)
+    if saved is None:
         return None
     stat_shape = tuple(a.shape[:a.dim() - k]) + (1,) * k
-    try:  # autograd's names for native_layer_norm's saved outputs 1 and 2
-        mean, rstd = node._saved_result1, node._saved_result2
-    except (AttributeError, RuntimeError):
-        return None
+    mean, rstd = saved
     if mean.numel() != a.numel() // max(1, math.prod(a.shape[a.dim() - k:])):
         return None
     return mean.reshape(stat_shape), rstd.reshape(stat_shape)
@@ -403,43 +400,6 @@ class BKGradSampleModule(nn.Module):
         return out.addmm_(lhs.t(), rhs)
 
 
-class _LeanSteps(DPOptimizerFastGradientClipping):
-    """Opacus' accumulate / add_noise / scale_grad for sums that :class:`BKGradSampleModule`
-    made, without their per-parameter copies (2.4 ms a step on the demo LM at batch 128).
-
-    Same semantics: the first physical batch's clipped sum becomes ``summed_grad`` itself
-    (Opacus deep-copies it; ``p.grad`` is then cleared, so that ``zero_grad`` cannot zero the
-    sum through it), later ones are added; the Gaussian noise (std = noise multiplier x clip,
-    Opacus' generator) is added in place; the mean-reduction scale is one fused division.
-    Secure-mode noise and adaptive clipping's adjusted multiplier take Opacus' own path.
-    """
-
-    def accumulate(self):
-        for p in self.params:
-            if p.summed_grad is None:
-                p.summed_grad, p.grad = p.grad, None
-            else:
-                p.summed_grad.add_(p.grad)
-
-    def add_noise(self):
-        if self.secure_mode or getattr(self, "_adjusted_noise_multiplier", None) is not None:
-            return super().add_noise()
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            if std > 0:
-                noise = torch.empty_like(p.summed_grad).normal_(0, std, generator=self.generator)
-                p.summed_grad.add_(noise)
-            p.grad = p.summed_grad.view_as(p)
-            _mark_as_processed(p.summed_grad)
-
-    def scale_grad(self):
-        if self.loss_reduction == "mean":
-            grads = [p.grad for p in self.params]
-            torch._foreach_div_(grads, float(self.expected_batch_size
-                                             * self.accumulated_iterations))
-
-
 class _ClipFirst:
     """Asks the BK module for the clipped sum before Opacus' pre-step (accumulate over
     physical batches; on the last one of a logical batch: noise, scale, accountant hook)."""
@@ -454,10 +414,10 @@ class _ClipFirst:
         return super().pre_step(closure)
 
 
-class BKDPOptimizer(_ClipFirst, _LeanSteps):
+class BKDPOptimizer(_ClipFirst, LeanSteps):
     """Opacus' optimizer for pre-clipped gradients, fed by :class:`BKGradSampleModule`."""
 
 
 class BKDistributedDPOptimizer(_ClipFirst, DistributedDPOptimizerFastGradientClipping,
-                               _LeanSteps):
+                               LeanSteps):
     """The same under torchrun: noise on rank 0 only, clipped sums all-reduced (Opacus)."""

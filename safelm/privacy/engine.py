@@ -50,7 +50,7 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from ..config import PrivacyConfig
 from ..distributed import current
 from ..errors import UserError
-from . import bk, seeds
+from . import bk, internals, seeds
 from .memory import keep_freed_memory
 from .users import UserBatchSampler, WithPadding, collate_with_padding
 
@@ -113,7 +113,7 @@ class PhysicalBatchSampler(BatchSplittingSampler):
         return len(self.sampler)  # logical batches: optimizer steps
 
     def __iter__(self):
-        self.optimizer._step_skip_queue.clear()  # Opacus' queue of signal_skip_step flags
+        internals.clear_skip_signals(self.optimizer)  # flags of an abandoned pass
         per = max(1, self.max_batch_size // self.rows) * self.rows
         for batch in self.sampler:
             pieces = [batch[i:i + per] for i in range(0, len(batch), per)] or [[]]
@@ -175,6 +175,7 @@ class DifferentialPrivacy:
         self._safe_steps = 0  # steps known to keep epsilon within the target
         self.mode = cfg.grad_sample_mode
         self.module: nn.Module | None = None
+        self._optimizer: Any = None  # the DP optimizer make_private built
 
     # ---- wrapping the loop ----------------------------------------------------------------
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -236,6 +237,7 @@ class DifferentialPrivacy:
         loader = DataLoader(dataset, batch_sampler=sampler,
                             collate_fn=collate_with_padding(dataset),
                             generator=torch.Generator().manual_seed(self.seed))
+        self._optimizer = dp_opt
         return wrapped, dp_opt, loader
 
     # ---- the budget -----------------------------------------------------------------------
@@ -270,6 +272,13 @@ class DifferentialPrivacy:
             self._safe_steps = self.steps + 1
             return True
         return False
+
+    def before_step(self, module: nn.Module) -> None:
+        """Nothing: clipping happens per sample, inside the optimizer's step."""
+
+    def took_step(self) -> bool:
+        """False after a physical batch that only accumulated (Opacus' virtual steps)."""
+        return not internals.last_step_skipped(self._optimizer)
 
     def budget_message(self) -> str:
         return (f"privacy budget reached: one more step would exceed target epsilon "

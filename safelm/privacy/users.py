@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..data import Batch
 from . import seeds
 
 PAD_LABEL = -100  # ignored by the loss
@@ -51,22 +52,22 @@ class UserBatchSampler(Sampler[list[int]]):
                 yield batch
 
 
-def collate_with_padding(dataset: Dataset) -> Callable[[list], tuple[torch.Tensor, ...]]:
-    """Stack ``(input_ids, targets, lengths, labels)`` items; index -1 items arrive as None
-    and become padding rows; an empty batch becomes correctly shaped empty tensors."""
-    x0, y0, _, _ = dataset[0]
+def collate_with_padding(dataset: Dataset) -> Callable[[list], Batch]:
+    """Stack :class:`~safelm.data.Batch` items; index -1 items arrive as None and become
+    padding rows; an empty batch becomes correctly shaped empty tensors."""
+    x0, y0 = dataset[0][:2]
 
-    def pad_row():
-        return (torch.zeros_like(x0), torch.full_like(y0, PAD_LABEL), torch.tensor(1),
-                torch.tensor(PAD_LABEL))
+    def pad_row() -> Batch:
+        return Batch(torch.zeros_like(x0), torch.full_like(y0, PAD_LABEL), torch.tensor(1),
+                     torch.tensor(PAD_LABEL))
 
-    def collate(items: list) -> tuple[torch.Tensor, ...]:
+    def collate(items: list) -> Batch:
         if not items:
-            return (torch.zeros((0, *x0.shape), dtype=x0.dtype),
-                    torch.zeros((0, *y0.shape), dtype=y0.dtype),
-                    torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        rows = [pad_row() if it is None else it for it in items]
-        return tuple(torch.stack([r[k] for r in rows]) for k in range(4))
+            return Batch(torch.zeros((0, *x0.shape), dtype=x0.dtype),
+                         torch.zeros((0, *y0.shape), dtype=y0.dtype),
+                         torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        rows = [pad_row() if it is None else Batch(*it[:4]) for it in items]
+        return Batch.collate(rows)
     return collate
 
 
