@@ -13,13 +13,14 @@ _EXPORTS = {
     "api": ["Prepared", "Run", "generate", "load_run", "predictions_table",
             "prepare", "score_encoded", "train_run", "write_csv", "model_sha256"],
     "config": ["Config", "DataConfig", "ModelConfig", "PrivacyConfig", "TrainConfig"],
-    "data": ["BlockDataset", "Encoded", "encode_rows", "load_rows", "split_rows"],
+    "data": ["Batch", "BlockDataset", "Encoded", "encode_rows", "load_rows", "split_rows"],
     "errors": ["ConfigError", "DataError", "UserError"],
     "hashing": ["file_sha256", "meta_path", "read_model_sha256"],
     "model": ["LSTMModel", "Transformer", "build_model"],
     "privacy": ["recompute_epsilon"],
     "tokenizer": ["Tokenizer"],
-    "trainer": ["Trainer"],
+    "trainer": ["NoPrivacy", "Privacy", "Trainer", "batch_loss", "evaluate_model",
+                "pick_device"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 

@@ -13,6 +13,7 @@ from federation.local import app_run_config
 from federation.settings import parse_run_config
 from safelm.api import Run, predictions_table
 from safelm.config import Config
+from safelm.data import Batch
 from safelm.trainer import batch_loss
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -46,7 +47,8 @@ def test_fedprox_hook_equals_the_proximal_loss_gradient(setup):
     cfg = data.cfg
     model = task.new_model(cfg)
     cd = task.client_data(cfg, task.tokenizer_to_json(data.tokenizer), fed, 0, 3, {})
-    batch = next(iter(torch.utils.data.DataLoader(cd.train_set, batch_size=8)))
+    batch = next(iter(torch.utils.data.DataLoader(cd.train_set, batch_size=8,
+                                                  collate_fn=Batch.collate)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))

@@ -37,9 +37,11 @@ The result lands in ``p.grad`` as the *sum* of clipped per-sample gradients; an 
 Gaussian noise once per logical step, scales, and calls the accountant's step hook, so
 Opacus' noise and accounting stay in charge.
 
-Supported parameter holders: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, each called
-once per forward pass (``supports(model)`` says whether a model qualifies; others use Opacus'
-hooks mode).
+Which layers: a registry of clip rules keyed by exact module type (:data:`CLIP_RULES`, like
+Opacus' grad samplers), with rules for ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm``;
+:func:`register_clip_rule` adds one for a new layer type. Each layer with trainable parameters
+must be called once per forward pass; frozen parameters are skipped (``supports(model)`` says
+whether a model qualifies; others use Opacus' hooks mode).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -57,18 +59,61 @@ from opacus.optimizers.ddpoptimizer_fast_gradient_clipping import (
 
 from .internals import LeanSteps, layer_norm_saved_stats
 
-SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+@dataclass(frozen=True)
+class ClipRule:
+    """How the one-backward clipping handles the parameters of one layer type.
+
+    ``on_grad(bk, module, a, g)`` runs inside the backward pass when the layer's output
+    gradient ``g`` arrives (``a``: the layer's first forward input, detached). It adds the
+    layer's per-unit gradients through :meth:`BKGradSampleModule.add_per_unit_grad` (small
+    parameters: biases, norms) or :meth:`BKGradSampleModule.add_gemm_pair` (weights whose
+    per-unit gradient is ``G_u^T A_u``), skipping parameters for which
+    :meth:`BKGradSampleModule.trainable` is False (frozen, e.g. a LoRA base weight).
+    ``on_forward(bk, module, a, output)``, optional, runs in the forward hook (to note what
+    the backward needs). ``unsupported(module)``, optional, returns why a module of this type
+    cannot be handled (then :func:`supports` is False and Opacus' hooks mode is used).
+    """
+
+    on_grad: Callable[[Any, nn.Module, torch.Tensor, torch.Tensor], None]
+    on_forward: Callable[[Any, nn.Module, torch.Tensor, torch.Tensor], None] | None = None
+    unsupported: Callable[[nn.Module], str | None] | None = None
+
+
+CLIP_RULES: dict[type, ClipRule] = {}  # exact module type -> rule (like Opacus' GRAD_SAMPLERS)
+
+
+def register_clip_rule(*types: type, on_forward=None, unsupported=None):
+    """Decorator: ``fn(bk, module, a, g)`` becomes the ``on_grad`` rule for these exact module
+    types. A new layer type (RMSNorm, a custom adapter) is one registered function."""
+    def deco(fn):
+        for t in types:
+            CLIP_RULES[t] = ClipRule(fn, on_forward, unsupported)
+        return fn
+    return deco
+
+
+def _trainable_own(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Why each module with trainable parameters cannot be clipped here (empty: all can)."""
+    why = []
+    for name, module in model.named_modules():
+        if not _trainable_own(module):
+            continue
+        rule = CLIP_RULES.get(type(module))
+        if rule is None:
+            why.append(f"{name or 'model'}: no clip rule for {type(module).__name__} "
+                       "(register one with safelm.privacy.bk.register_clip_rule)")
+        elif rule.unsupported is not None and (reason := rule.unsupported(module)):
+            why.append(f"{name or 'model'}: {reason}")
+    return why
 
 
 def supports(model: nn.Module) -> bool:
-    """Every parameter lives directly in a Linear, Embedding or LayerNorm."""
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if own and not isinstance(module, SUPPORTED):
-            return False
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            return False
-    return True
+    """Every module holding trainable parameters has a registered clip rule that accepts it."""
+    return not unsupported_layers(model)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -133,14 +178,17 @@ class BKGradSampleModule(nn.Module):
     def __init__(self, module: nn.Module, max_grad_norm: float, loss_reduction: str = "mean",
                  rows_per_unit: int | None = None):
         super().__init__()
-        if not supports(module):
-            raise ValueError("model has parameters outside Linear/Embedding/LayerNorm")
+        why = unsupported_layers(module)
+        if why:
+            raise ValueError(f"one-backward clipping cannot handle {why[0]}")
         self._module = module
         self.max_grad_norm = max_grad_norm
         self.loss_reduction = loss_reduction
         self._handles = [m.register_forward_hook(self._capture) for m in module.modules()
-                         if isinstance(m, SUPPORTED) and list(m.parameters(recurse=False))]
-        self._params = list(dict.fromkeys(module.parameters()))  # tied weights counted once
+                         if _trainable_own(m)]
+        # Trainable parameters only (tied weights counted once); frozen ones are left alone.
+        self._params = list(dict.fromkeys(p for p in module.parameters() if p.requires_grad))
+        self._trainable = set(self._params)
         self.last_norms: torch.Tensor | None = None  # per-sample norms of the last step
         # User-level DP: consecutive groups of `rows_per_unit` rows are one privacy unit, whose
         # clipped gradient is the gradient of the sum of its rows' losses.
@@ -190,12 +238,9 @@ class BKGradSampleModule(nn.Module):
         a = inputs[0].detach()  # same storage as the forward's tensor: no copy
         self._rows = a.shape[0]
         self._inputs[module] = a
-        if isinstance(module, nn.Linear):
-            key = _key(a)
-            self._uses[key] = self._uses.get(key, 0) + 1
-            self._pending[key] = self._uses[key]
-        if isinstance(module, nn.LayerNorm):
-            self._ln_stats[module] = _saved_stats(output, a, len(module.normalized_shape))
+        rule = CLIP_RULES[type(module)]
+        if rule.on_forward is not None:
+            rule.on_forward(self, module, a, output)
         if not output.requires_grad:  # first layer (an embedding): see _GradTap
             output = _GradTap.apply(output, self._tap)
         output.register_hook(partial(self._on_grad, module))
@@ -217,14 +262,28 @@ class BKGradSampleModule(nn.Module):
             new = None
             if not g.is_contiguous():
                 g = new = g.contiguous()
-            if isinstance(module, nn.Linear):
-                self._linear(module, a, g)
-            elif isinstance(module, nn.Embedding):
-                self._add_kept(module.weight, _Kept("embedding", self._units(a, 0),
-                                                    self._units(g, 1)))
-            else:
-                self._layer_norm(module, a, g)
+            CLIP_RULES[type(module)].on_grad(self, module, a, g)
         return new
+
+    # ---- what clip rules use ------------------------------------------------------------
+    def trainable(self, p: nn.Parameter | None) -> bool:
+        """Whether ``p`` is clipped and updated (False for None and frozen parameters)."""
+        return p is not None and p in self._trainable
+
+    def per_unit(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """[n, ..., *feature] -> [U, S, *feature]: one row per privacy unit (see _units)."""
+        return self._units(x, tail)
+
+    def add_per_unit_grad(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        """Add ``grad`` [U, *p.shape], each unit's gradient of ``p`` (summed over calls)."""
+        self._add_small(p, grad)
+
+    def add_gemm_pair(self, p: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> None:
+        """A weight whose per-unit gradient is ``g_u^T a_u`` (``a`` [U, S, d_in], ``g``
+        [U, S, d_out]): its norm in ghost or materialized form, its clipped sum as one GEMM."""
+        key = ("pair", len(self._uses))  # its own input: no Gram shared with other layers
+        self._uses[key] = 1
+        self._add_kept(p, _Kept("linear", a, g, key))
 
     def _units(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """[n, ..., *feature] -> [U, S, *feature] (``tail`` feature dims): one row per unit."""
@@ -233,10 +292,19 @@ class BKGradSampleModule(nn.Module):
         return x.reshape(units, -1, *x.shape[x.dim() - tail:])
 
     # ---- per-layer work inside the backward pass -----------------------------------------
+    def _note_input(self, module: nn.Linear, a: torch.Tensor) -> None:
+        """Forward: one more trainable Linear weight fed ``a`` (Q, K, V share its Gram)."""
+        if self.trainable(module.weight):
+            key = _key(a)
+            self._uses[key] = self._uses.get(key, 0) + 1
+            self._pending[key] = self._uses[key]
+
     def _linear(self, module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> None:
         G = self._units(g, 1)
-        if module.bias is not None:
+        if self.trainable(module.bias):
             self._add_small(module.bias, G.sum(1))
+        if not self.trainable(module.weight):
+            return
         key = _key(a)
         self._add_kept(module.weight, _Kept("linear", self._units(a, 1), G, key))
         self._pending[key] -= 1
@@ -247,9 +315,9 @@ class BKGradSampleModule(nn.Module):
 
     def _layer_norm(self, module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> None:
         k = len(module.normalized_shape)
-        if module.bias is not None:
+        if self.trainable(module.bias):
             self._add_small(module.bias, self._units(g, k).sum(1))
-        if module.weight is not None:
+        if self.trainable(module.weight):
             stats = self._ln_stats.pop(module, None)
             if stats is None:  # no saved statistics: normalize again
                 x_hat_g = F.layer_norm(a, module.normalized_shape, eps=module.eps).mul_(g)
@@ -421,3 +489,34 @@ class BKDPOptimizer(_ClipFirst, LeanSteps):
 class BKDistributedDPOptimizer(_ClipFirst, DistributedDPOptimizerFastGradientClipping,
                                LeanSteps):
     """The same under torchrun: noise on rank 0 only, clipped sums all-reduced (Opacus)."""
+
+
+# ---- the built-in rules ------------------------------------------------------------------
+@register_clip_rule(nn.Linear, on_forward=lambda bk, m, a, out: bk._note_input(m, a))
+def _linear_rule(bk: BKGradSampleModule, module: nn.Linear, a: torch.Tensor,
+                 g: torch.Tensor) -> None:
+    bk._linear(module, a, g)
+
+
+def _embedding_unsupported(module: nn.Embedding) -> str | None:
+    if module.padding_idx is not None:
+        return "Embedding with padding_idx (its row gets no gradient; not modelled here)"
+    return None
+
+
+@register_clip_rule(nn.Embedding, unsupported=_embedding_unsupported)
+def _embedding_rule(bk: BKGradSampleModule, module: nn.Embedding, a: torch.Tensor,
+                    g: torch.Tensor) -> None:
+    if bk.trainable(module.weight):
+        bk._add_kept(module.weight, _Kept("embedding", bk._units(a, 0), bk._units(g, 1)))
+
+
+def _layer_norm_forward(bk: BKGradSampleModule, module: nn.LayerNorm, a: torch.Tensor,
+                        output: torch.Tensor) -> None:
+    bk._ln_stats[module] = _saved_stats(output, a, len(module.normalized_shape))
+
+
+@register_clip_rule(nn.LayerNorm, on_forward=_layer_norm_forward)
+def _layer_norm_rule(bk: BKGradSampleModule, module: nn.LayerNorm, a: torch.Tensor,
+                     g: torch.Tensor) -> None:
+    bk._layer_norm(module, a, g)
