@@ -17,6 +17,9 @@ Client-side DP clipping (``dp=client-fixed|client-adaptive``) is Flower's own
 ``fixedclipping_mod`` / ``adaptiveclipping_mod``, attached to ``train`` only (attached to the
 whole app, evaluation fails); :func:`dp_clipping_mod` picks one from the round's config so the
 same app serves every mode.
+
+Fault injection and hostile clients (run-config ``attack*``, ``fail-*``) are not here: they
+live in :mod:`federation.testing` (a mod around these handlers), which the FAB does not ship.
 """
 
 from __future__ import annotations
@@ -92,12 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     stats = task.train_local(model, cfg, data, epochs=fed.local_epochs, server_round=rnd,
                              seed=seed, proximal_mu=float(conf.get("proximal-mu", 0.0)),
                              privacy=privacy)
-    if pid in fed.ids("fail-clients") and (not fed.ids("fail-rounds")
-                                           or rnd in fed.ids("fail-rounds")):
-        raise RuntimeError(f"injected failure: client {pid} in round {rnd} (fail-clients)")
     arrays = task.get_weights(model)
-    if fed.attack != "none" and pid in fed.ids("attack-clients"):
-        arrays = task.poison(msg.content["arrays"], arrays, fed.attack, fed.attack_scale)
     n = len(data.train_set)
     metrics = MetricRecord({
         "weight": 1.0 if conf.get("weighting", "examples") == "uniform" else float(n),

@@ -144,6 +144,25 @@ def stage_app(app_dir: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+HARNESS_APP = "federation.testing.client_app:app"
+
+
+def stage_harness(app_dir: str | Path, staged: str | Path) -> None:
+    """Turn a staged app into the test harness: add ``federation/testing`` (which the FAB of
+    the real app excludes) and point the app's ClientApp at :data:`HARNESS_APP`."""
+    src, staged = Path(app_dir).resolve(), Path(staged)
+    shutil.copytree(src / "federation" / "testing", staged / "federation" / "testing",
+                    ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    toml = staged / "pyproject.toml"
+    text = toml.read_text(encoding="utf-8")
+    for old, new in (('clientapp = "federation.client_app:app"', f'clientapp = "{HARNESS_APP}"'),
+                     ('"federation/testing/**", ', ""), (', "federation/testing/**"', "")):
+        text = text.replace(old, new)
+    if HARNESS_APP not in text or "federation/testing/**" in text:
+        raise RuntimeError(f"{toml}: could not switch the staged app to {HARNESS_APP}")
+    toml.write_text(text, encoding="utf-8")
+
+
 class LocalSimulation:
     """Context manager around ``flwr run <app> --stream`` with a private Flower home."""
 
@@ -187,10 +206,13 @@ class LocalSimulation:
         return no_call_home(env)
 
     def run(self, run_config: str = "", *, num_supernodes: int = 4, cpus_per_client: int = 1,
-            timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+            timeout: float = 300.0, harness: bool = False) -> subprocess.CompletedProcess[str]:
         """``flwr run <app> --stream`` (the app staged by :func:`stage_app`); output captured;
-        raises TimeoutExpired after ``timeout``."""
+        raises TimeoutExpired after ``timeout``. ``harness``: run the test ClientApp
+        (fault injection, hostile clients: :func:`stage_harness`) instead of the production one."""
         app = stage_app(self.app_dir, self.root / "app")
+        if harness:
+            stage_harness(self.app_dir, app)
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app), "--stream",
                "--federation-config",
                f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]

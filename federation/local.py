@@ -101,7 +101,7 @@ def app_run_config(pyproject: str | Path, overrides: list[str] | None = None) ->
 def run_local(run_config: dict[str, Any], num_nodes: int, **grid_kwargs: Any
               ) -> tuple[dict[str, Any], LocalGrid]:
     """The ServerApp over a :class:`LocalGrid`; returns the last central test metrics."""
-    from .client_app import app as client_app
+    from .testing.client_app import app as client_app  # production handlers + fault mod
     from .server import run_server
 
     grid = LocalGrid(client_app, num_nodes, run_config, **grid_kwargs)

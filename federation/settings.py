@@ -16,7 +16,7 @@ keys live there:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from safelm.config import Config
@@ -86,20 +86,63 @@ FEDERATION_KEYS: dict[str, tuple[type, str]] = {
 
 @dataclass
 class FedSettings:
-    """The federation keys, typed (attribute = key with hyphens as underscores)."""
+    """The federation keys, typed: one field per key of :data:`FEDERATION_KEYS` (the key with
+    hyphens as underscores). Built by :func:`parse_run_config`; a test keeps the two in sync."""
 
-    values: dict[str, Any] = field(default_factory=dict)
+    num_server_rounds: int
+    local_epochs: int
+    strategy: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    min_replies: int
+    round_timeout: float
+    proximal_mu: float
+    server_lr: float
+    server_tau: float
+    trim_beta: float
+    num_malicious: int
+    krum_select: int
+    dataset: str
+    data_path: str
+    corpus_size: int
+    corpus_seed: int
+    partitioning: str
+    alpha: float
+    partition_col: str
+    partition_seed: int
+    out_dir: str
+    resume: bool
+    client_threads: int
+    server_threads: int
+    attack: str
+    attack_clients: str
+    attack_scale: float
+    fail_clients: str
+    fail_rounds: str
+    dp: str
+    dp_noise: float
+    dp_clip: float
+    dp_delta: float
+    dp_target_epsilon: float
+    dp_clip_quantile: float
+    dp_clip_lr: float
+    dp_count_stddev: float
 
-    def __getattr__(self, name: str) -> Any:
-        key = name.replace("_", "-")
-        try:
-            return self.__dict__["values"][key]
-        except KeyError:
-            raise AttributeError(name) from None
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> FedSettings:
+        """From ``{run-config key: value}`` (every key of FEDERATION_KEYS), each typed."""
+        return cls(**{key.replace("-", "_"): _typed(key, values[key], FEDERATION_KEYS[key][0])
+                      for key in FEDERATION_KEYS})
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """``{run-config key: value}``, e.g. to ship the settings as JSON."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def ids(self, key: str) -> set[int]:
         """A comma-separated id list (``attack-clients``, ``fail-rounds``) as a set."""
-        text = str(self.values.get(key, "")).strip()
+        text = str(getattr(self, key.replace("-", "_"), "")).strip()
         try:
             return {int(v) for v in text.split(",") if v.strip()}
         except ValueError:
@@ -156,7 +199,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FedSettings
     if missing:
         raise ConfigError(f"run-config lacks {', '.join(missing)}; they are defined in "
                           "[tool.flwr.app.config] of pyproject.toml")
-    fed = FedSettings(values)
+    fed = FedSettings.from_values(values)
     cfg.train.epochs = fed.local_epochs
     cfg.validate()
     _validate(fed)
@@ -176,12 +219,13 @@ def _validate(fed: FedSettings) -> None:
     _choice("dataset", fed.dataset, DATASETS)
     _choice("attack", fed.attack, ATTACKS)
     _choice("dp", fed.dp, DP_MODES)
+    values = fed.values
     for key in ("num-server-rounds", "local-epochs", "min-nodes", "min-replies"):
-        if fed.values[key] < 1:
-            raise ConfigError(f"run-config {key}={fed.values[key]} must be >= 1")
+        if values[key] < 1:
+            raise ConfigError(f"run-config {key}={values[key]} must be >= 1")
     for key in ("fraction-train", "fraction-evaluate"):
-        if not 0.0 <= fed.values[key] <= 1.0:
-            raise ConfigError(f"run-config {key}={fed.values[key]} must be in [0, 1]")
+        if not 0.0 <= values[key] <= 1.0:
+            raise ConfigError(f"run-config {key}={values[key]} must be in [0, 1]")
     if fed.fraction_train == 0.0:
         raise ConfigError("run-config fraction-train=0 trains nothing; use a value in (0, 1]")
     if not 0.0 <= fed.trim_beta < 0.5:

@@ -134,7 +134,7 @@ def _client_data_cached(key: str, cfg_json: str, tok_json: str) -> ClientData:
     if spec["own_file"]:  # node-local data: all of it is this client's
         mine = pool
     else:
-        fed = FedSettings(spec["fed"])
+        fed = FedSettings.from_values(spec["fed"])
         mine = pool[partition_rows(cfg, fed, pool, spec["n"]) == spec["pid"]]
     train = mine[mine["_split"] == "train"].drop(columns="_split").reset_index(drop=True)
     val = mine[mine["_split"] == "val"].drop(columns="_split").reset_index(drop=True)
@@ -150,10 +150,9 @@ def client_data(cfg: Config, tok_json: str, fed: FedSettings, partition_id: int,
         raise UserError(f"node-config partition-id={partition_id} must be in "
                         f"[0, num-partitions={num_partitions})")
     own = bool(node_config.get("data-path"))
-    keys = ("partitioning", "alpha", "partition-col", "partition-seed")
     key = json.dumps({"path": data_path(fed, node_config), "own_file": own,
-                      "pid": partition_id, "n": num_partitions,
-                      "fed": {k: fed.values[k] for k in keys}}, sort_keys=True)
+                      "pid": partition_id, "n": num_partitions, "fed": fed.values},
+                     sort_keys=True)
     return _client_data_cached(key, cfg.to_json(), tok_json)
 
 
@@ -290,15 +289,6 @@ def evaluate(model: nn.Module, cfg: Config, tok: Tokenizer, rows: pd.DataFrame,
         kw.update(y_true=rows["label"].map(index).to_numpy(), y_pred=s["probs"].argmax(1))
     counts = fairness.group_counts(rows, cfg.data.group_cols, cfg.train.task, **kw)
     return metrics, counts
-
-
-def poison(global_arrays: ArrayRecord, local: ArrayRecord, attack: str,
-           scale: float) -> ArrayRecord:
-    """A hostile client's update: ``g - s (w - g)`` (signflip) or ``g + s (w - g)`` (scale)."""
-    factor = -scale if attack == "signflip" else scale
-    g, w = global_arrays.to_torch_state_dict(), local.to_torch_state_dict()
-    return ArrayRecord(torch_state_dict=OrderedDict(
-        (k, g[k] + factor * (w[k] - g[k])) for k in w))
 
 
 def configure_threads(fed: FedSettings, node_config: Mapping[str, Any]) -> int:

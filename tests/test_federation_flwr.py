@@ -46,6 +46,38 @@ def test_staged_app_builds_the_same_fab(tmp_path):
     assert (staged / "federation" / "gen" / "keep.py").is_file()
 
 
+def test_the_fab_ships_only_what_nodes_run(tmp_path):
+    """Flower's own FAB build of the repository: the app's modules and safelm are in it; the
+    deployment and local-run helpers and the fault-injection harness are not. The staged test
+    harness (control) does carry the harness and points the ClientApp at it."""
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from federation.flwr_local import HARNESS_APP, stage_app, stage_harness
+
+    def names(fab: bytes) -> set[str]:
+        return set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__"))
+    shipped = names(build_fab_from_disk(repo))
+    for needed in ("federation/client_app.py", "federation/server_app.py", "federation/task.py",
+                   "federation/settings.py", "safelm/trainer.py", "pyproject.toml"):
+        assert needed in shipped, needed
+    for kept_out in ("federation/deploy.py", "federation/flwr_local.py", "federation/local.py",
+                     "federation/testing/faults.py", "federation/testing/client_app.py"):
+        assert kept_out not in shipped, kept_out
+    assert not [n for n in shipped if n.startswith(("tests/", "benchmarks/", "audits/"))]
+    staged = stage_app(repo, tmp_path / "staged")
+    stage_harness(repo, staged)
+    harness = names(build_fab_from_disk(staged))
+    assert "federation/testing/faults.py" in harness
+    assert HARNESS_APP in (staged / "pyproject.toml").read_text()
+
+
 def test_no_call_home_defaults_yield_to_the_user(tmp_path, monkeypatch):
     """Flower's update check and telemetry and Ray's usage stats are off unless the user set
     them; the user's own value wins."""
@@ -74,7 +106,8 @@ def test_flwr_run_simulation_with_a_failing_and_a_hostile_client(tmp_path):
            'attack-clients="0" fail-clients="1" fail-rounds="1"')
     with LocalSimulation(ROOT, tmp_path / "flwr") as sim:
         try:
-            res = sim.run(cfg, num_supernodes=4, cpus_per_client=1, timeout=240)
+            res = sim.run(cfg, num_supernodes=4, cpus_per_client=1, timeout=240,
+                          harness=True)
             log = res.stdout + res.stderr
             (tmp_path / "log.txt").write_text(log)
             assert not sim.crashed(res), log[-3000:]

@@ -69,3 +69,14 @@ def test_unknown_key_is_refused():
     rc["num-rounds"] = 3
     with pytest.raises(UserError, match="num-rounds"):
         parse_run_config(rc)
+
+
+def test_fed_settings_has_one_typed_field_per_federation_key():
+    import dataclasses
+    import typing
+
+    from federation.settings import FEDERATION_KEYS, FedSettings
+
+    hints = typing.get_type_hints(FedSettings)
+    fields = {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(FedSettings)}
+    assert fields == {k: kind for k, (kind, _) in FEDERATION_KEYS.items()}

@@ -11,6 +11,7 @@ import torch
 from federation import fairness, task
 from federation.local import app_run_config
 from federation.settings import parse_run_config
+from federation.testing.faults import poison
 from safelm.api import Run, predictions_table
 from safelm.config import Config
 from safelm.data import Batch
@@ -91,7 +92,7 @@ def test_poison_signflip_and_scale():
             p.add_(1.0)
     w = task.get_weights(w_model)
     for attack, factor in (("signflip", -3.0), ("scale", 3.0)):
-        out = task.poison(g, w, attack, 3.0).to_torch_state_dict()
+        out = poison(g, w, attack, 3.0).to_torch_state_dict()
         gs, ws = g.to_torch_state_dict(), w.to_torch_state_dict()
         for k in ws:
             torch.testing.assert_close(out[k] - gs[k], factor * (ws[k] - gs[k]))
