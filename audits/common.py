@@ -1,21 +1,22 @@
 """Helpers every audit shares: crash-safe writes, input hashes, library versions.
 
-Why here and not in ``safelm``: the audits may use only ``safelm``'s public API, and these few
-lines are not worth widening that API for. Every report file is written to a temporary name and
-renamed, so a failed or interrupted audit never leaves a half-written report next to a good one.
+Crash-safe writes come from ``safelm.files`` (public API); what is here is the audits' own:
+JSON without NaN, library versions, the report folder and the one report writer. Every report
+file is written to a temporary name and renamed, so a failed or interrupted audit never leaves a
+half-written report next to a good one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from safelm.errors import UserError
+from safelm.files import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from safelm.hashing import file_sha256
 
 VERSIONED = ("safelm", "fairlearn", "numpy", "pandas", "scikit-learn", "scipy", "matplotlib",
@@ -34,16 +35,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def jsonable(obj: Any) -> Any:
@@ -71,3 +62,16 @@ def prepare_out_dir(out: str | Path) -> Path:
         raise UserError(f"--out {p} exists and is a file; give a folder for the report")
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def write_report(report: dict[str, Any], out: str | Path, *, markdown: str, html: str
+                 ) -> dict[str, Path]:
+    """The one writer of every audit's report: ``report.json``, ``report.md`` and the
+    self-contained ``report.html`` in ``out``. Everything is rendered before this is called,
+    and each file is written atomically, so a failure leaves no half-written report."""
+    d = prepare_out_dir(out)
+    paths = {"json": d / "report.json", "md": d / "report.md", "html": d / "report.html"}
+    atomic_write_json(paths["json"], report)
+    atomic_write_text(paths["md"], markdown)
+    atomic_write_text(paths["html"], html)
+    return paths

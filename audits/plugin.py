@@ -75,11 +75,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _demo_dp(ctx: dict[str, Any], out: Path) -> None:
     """DP x fairness: what DP cost each group, against the non-private classifier."""
-    from .fairness.audit import AuditSettings
+    from .fairness.audit import FairnessSettings
     from .fairness.pipeline import fairness_audit
     print("\n[audit] what DP cost each group (DP classifier vs the non-private one)")
     rep = fairness_audit(ctx["dp_predictions"], list(ctx["group_cols"]), out / "audit-dp",
-                         settings=AuditSettings(n_boot=300 if ctx.get("quick") else 1000),
+                         settings=FairnessSettings(n_boot=300 if ctx.get("quick") else 1000),
                          compare=ctx["predictions"])
     pairs = [e for e in rep["comparison"]["by_group"] if e["slice"] in ("overall",
                                                                        "gender*age_group")]
@@ -93,13 +93,13 @@ def _demo_dp(ctx: dict[str, Any], out: Path) -> None:
 
 def _demo_reweighted(ctx: dict[str, Any], out: Path, quick: bool) -> None:
     """In-training mitigation: the reweighted classifier against the plain one, paired."""
-    from .fairness.audit import AuditSettings
+    from .fairness.audit import FairnessSettings
     from .fairness.pipeline import fairness_audit
     print(f"\n[audit] in-training mitigation ({ctx['reweight_method']}) against the plain "
           "classifier")
     rep = fairness_audit(ctx["reweighted_predictions"], list(ctx["group_cols"]),
                          out / "audit-reweighted",
-                         settings=AuditSettings(n_boot=300 if quick else 1000),
+                         settings=FairnessSettings(n_boot=300 if quick else 1000),
                          unmitigated=ctx["predictions"], mitigation_method=ctx["reweight_method"])
     m = rep["mitigation"][-1]
     for key, v in m["disparities"].items():
@@ -123,7 +123,7 @@ def demo_step(ctx: dict[str, Any]) -> None:
     the HTML reports are."""
     from safelm.api import load_run, predictions_table, write_csv
 
-    from .fairness.audit import AuditSettings
+    from .fairness.audit import FairnessSettings
     from .fairness.pipeline import fairness_audit
     from .lm_bias.demo import demo_step as lm_bias_demo
 
@@ -136,7 +136,7 @@ def demo_step(ctx: dict[str, Any]) -> None:
     # per-group thresholds need each cell: the quick demo skips mitigation.
     quick = bool(ctx.get("quick"))
     report = fairness_audit(ctx["predictions"], list(ctx["group_cols"]), out / "audit-fairness",
-                            settings=AuditSettings(n_boot=300 if quick else 1000),
+                            settings=FairnessSettings(n_boot=300 if quick else 1000),
                             mitigate=[] if quick else ["demographic_parity", "equalized_odds"],
                             fit_predictions=None if quick else val)
     lines = report["summary"]["flagged"]

@@ -17,12 +17,26 @@ _EXPORTS = {
     "errors": ["ConfigError", "DataError", "UserError"],
     "hashing": ["file_sha256", "meta_path", "read_model_sha256"],
     "model": ["LSTMModel", "Transformer", "build_model"],
-    "privacy": ["recompute_epsilon"],
+    "privacy": ["DifferentialPrivacy", "make_privacy", "recompute_epsilon"],
     "tokenizer": ["Tokenizer"],
     "trainer": ["NoPrivacy", "Privacy", "Trainer", "batch_loss", "evaluate_model",
                 "pick_device"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+# Public modules whose names are public API without being re-exported here: use them as
+# ``from safelm import rundir`` / ``from safelm.rundir import read_metrics``. ``federation``
+# and ``audits`` may import from safelm only the names above and these
+# (tests/test_layout.py enforces it, module by module).
+PUBLIC_MODULES = {
+    "corpus": ["sentiment_corpus", "story_corpus", "write_sentiment_csv", "write_story_text"],
+    "files": ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"],
+    "hashing": ["META_KIND", "META_SUFFIX", "file_sha256", "meta_path", "read_model_sha256"],
+    "rundir": ["CHECKSUMS", "CONFIG", "METRICS", "PRIVACY", "RELEASE_MANIFEST", "RELEASE_SUMS",
+               "RESUME", "TOKENIZER", "WEIGHTS", "atomic_write_json", "atomic_write_text",
+               "load_weights", "read_config", "read_metrics", "save_weights", "unwrap",
+               "verify_checksums", "write_checksums"],
+}
 
 __version__ = "0.1.0"
 __all__ = sorted(_WHERE) + ["__version__"]

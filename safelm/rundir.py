@@ -30,21 +30,12 @@ from safetensors.torch import load_model, save_model
 
 from .config import Config
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 from .hashing import file_sha256
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS, RESUME, PRIVACY = (
     "model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "resume",
     "privacy.json")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from audits.lm_bias import lexicon
-from audits.lm_bias.audit import lm_bias_audit
+from audits.lm_bias.audit import LMBiasSettings, lm_bias_audit
 from audits.lm_bias.probes import instances, load_probes, validate
 from audits.lm_bias.scoring import continuation_logprob, encode_pair
 from audits.lm_bias.stats import group_measure, judge, status, template_measures
@@ -106,8 +106,8 @@ def test_lm_bias_audit_end_to_end(lm_run, tmp_path, capsys):
               Config.load(None, TINY + ["train.epochs=1", "train.task=classify",
                                         "data.group_cols=gender", "data.user_col=user"]),
               cls_dir)
-    rep = lm_bias_audit(lm_run, tmp_path / "out", classifier=cls_dir, samples=2,
-                        max_new_tokens=6, n_boot=100)
+    rep = lm_bias_audit(lm_run, tmp_path / "out", classifier=cls_dir,
+                        settings=LMBiasSettings(samples=2, max_new_tokens=6, n_boot=100))
     assert {r["attribute"] for r in rep["counterfactual"]} == {"gender", "age"}
     g = [r for r in rep["counterfactual"] if r["attribute"] == "gender"][0]
     prefs = [v["value"] for v in g["preference"].values()]
@@ -272,8 +272,8 @@ def _family_audit(tmp_path, name: str, share: float, seed: int = 0) -> dict:
               Config.load(None, FAMILY_LM + [f"train.seed={seed}"]), run)
     probes = tmp_path / "family.json"
     probes.write_text(json.dumps(FAMILY_PROBES))
-    return lm_bias_audit(run, tmp_path / name / "audit", probes=probes, samples=8,
-                         max_new_tokens=8, n_boot=1000)
+    return lm_bias_audit(run, tmp_path / name / "audit", probes=probes,
+                         settings=LMBiasSettings(samples=8, max_new_tokens=8, n_boot=1000))
 
 
 @pytest.mark.slow

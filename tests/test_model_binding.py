@@ -51,9 +51,9 @@ def predict(capsys, run: Path, data: Path, out: Path) -> Path:
 
 
 def fairness(pred: Path, out: Path) -> dict:
-    from audits.fairness.audit import AuditSettings
+    from audits.fairness.audit import FairnessSettings
     from audits.fairness.pipeline import fairness_audit
-    return fairness_audit(pred, ["gender"], out, settings=AuditSettings(n_boot=20))
+    return fairness_audit(pred, ["gender"], out, settings=FairnessSettings(n_boot=20))
 
 
 # ---- the sidecar and every report's model hash ------------------------------------------------
@@ -88,7 +88,7 @@ def test_a_table_without_a_matching_sidecar_has_an_unknown_model(capsys, runs, d
 
 
 def test_privacy_and_lm_bias_reports_record_the_weights(runs, data, tmp_path):
-    from audits.lm_bias.audit import lm_bias_audit
+    from audits.lm_bias.audit import LMBiasSettings, lm_bias_audit
     from audits.privacy.audit import PrivacySettings, privacy_audit
     df = pd.read_csv(data)
     df.iloc[:60].to_csv(tmp_path / "m.csv", index=False)
@@ -101,7 +101,8 @@ def test_privacy_and_lm_bias_reports_record_the_weights(runs, data, tmp_path):
     lm = tmp_path / "lm"
     train_run(write_lm_txt(tmp_path / "lm.txt", n=20),
               Config.load(None, TINY + ["train.epochs=1", "model.block_size=64"]), lm)
-    rep = lm_bias_audit(lm, None, samples=1, max_new_tokens=2, n_boot=10)
+    rep = lm_bias_audit(lm, None, settings=LMBiasSettings(samples=1, max_new_tokens=2,
+                                                          n_boot=10))
     assert rep["inputs"]["model_sha256"] == sha(lm / "model.safetensors")
 
 

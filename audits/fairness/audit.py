@@ -63,7 +63,7 @@ from .metrics import atom_metric_functions, metric_defs
 from .simultaneous import MaxT
 from .table import PredTable
 
-__all__ = ["HIGHER_IS_WORSE", "OVERALL", "AuditSettings", "Thresholds", "run_audit"]
+__all__ = ["HIGHER_IS_WORSE", "OVERALL", "FairnessSettings", "Thresholds", "run_audit"]
 NO_DISPARITY = ("fnr",)
 ERROR_CONTROL = ("simultaneous", "none")
 METHOD = ("studentized max-t bootstrap (single step) over every comparison that can be "
@@ -93,9 +93,9 @@ class Thresholds:
 
 
 @dataclass
-class AuditSettings:
+class FairnessSettings:
     n_boot: int = 1000
-    ci: float = 0.95
+    confidence: float = 0.95  # interval level (--confidence)
     seed: int = 0
     min_group_size: int = 30
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -189,7 +189,7 @@ def group_label(key: tuple[str, ...]) -> str:
 
 
 def reference_groups(pt: PredTable, sl: Slices, n: dict[str, np.ndarray],
-                     st: AuditSettings) -> tuple[dict[str, int], list[str]]:
+                     st: FairnessSettings) -> tuple[dict[str, int], list[str]]:
     """Validate ``--reference COL=VALUE`` and find each slice's reference group: a slice
     has one when every column of it has a reference (for an intersection, the combination;
     skipped, with a note, when that combination has fewer than min_group_size rows)."""
@@ -229,7 +229,7 @@ def reference_groups(pt: PredTable, sl: Slices, n: dict[str, np.ndarray],
     return out, notes
 
 
-def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dict[str, Any]:
+def run_audit(pt: PredTable, settings: FairnessSettings, check: bool = True) -> dict[str, Any]:
     """Everything report.json holds except ``inputs``/``versions`` (see ``report.py``).
 
     ``check=False`` skips fairlearn's MetricFrame (the values then come from the engine
@@ -251,7 +251,7 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
     refs, ref_notes = reference_groups(
         pt, sl, {s: point[s][0]["n"] for s in sl.names}, st)
     reps = engine.bootstrap(st.n_boot, st.seed, stratified=True)
-    pend = Pending(MaxT(st.ci, st.n_boot), st.error_control == "simultaneous")
+    pend = Pending(MaxT(st.confidence, st.n_boot), st.error_control == "simultaneous")
     ov, rov = point[OVERALL][0], reps[OVERALL][0]
     by_group, disparities, ranges, subject = [], [], [], {}
     for name in sl.names:
@@ -267,9 +267,9 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
                  "n": int(n[gi]), "small": bool(small[gi]), "metrics": {}}
             for m in names:
                 value = float(by[key][m]) if check else float(p[m][gi])
-                ci = quantiles(r[m][:, gi], st.ci).tolist()
+                ci = quantiles(r[m][:, gi], st.confidence).tolist()
                 if m in props:
-                    ci = _union(ci, jeffreys(p[f"{m}:num"][gi], p[f"{m}:den"][gi], st.ci))
+                    ci = _union(ci, jeffreys(p[f"{m}:num"][gi], p[f"{m}:den"][gi], st.confidence))
                 e["metrics"][m] = {"value": value, "ci": ci}
             entries.append(e)
             subject[(name, gi)] = []
@@ -324,7 +324,7 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
         if task.kind == "binary" and "tpr" in slice_ranges and "fpr" in slice_ranges:
             t = {k: st.thresholds.get("equalized_odds", k) for k in ("difference", "ratio")}
             disparities += equalized_odds(name, slice_ranges["tpr"], slice_ranges["fpr"],
-                                          st.ci, t, simultaneous)
+                                          st.confidence, t, simultaneous)
         for rng in slice_ranges.values():
             for e in rng.values():
                 e.pop("_reps", None)
@@ -338,9 +338,9 @@ def run_audit(pt: PredTable, settings: AuditSettings, check: bool = True) -> dic
             "sensitive": pt.sensitive, "slices": sl.names, "metrics": names,
             "by_group": by_group, "disparities": disparities,
             "overall": {"n": len(pt.df), "metrics": {
-                m: {"value": float(ov[m][0]), "ci": quantiles(rov[m][:, 0], st.ci).tolist()}
+                m: {"value": float(ov[m][0]), "ci": quantiles(rov[m][:, 0], st.confidence).tolist()}
                 for m in names}},
-            "settings": {"n_boot": st.n_boot, "ci": st.ci, "seed": st.seed,
+            "settings": {"n_boot": st.n_boot, "confidence": st.confidence, "seed": st.seed,
                          "min_group_size": st.min_group_size, "n_bins": task.n_bins,
                          "bootstrap": "multinomial over group-cell counts, within each "
                                       "intersectional cell (audits/fairness/bootstrap.py)",

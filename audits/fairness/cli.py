@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "label (default: the second of the sorted labels, matching safelm's score = "
                    "P(labels[1]))")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--ci", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--confidence", "--ci", dest="confidence", type=float, default=0.95,
+                   help="interval level (default 0.95); --ci is a deprecated alias, removed "
+                   "in the next release")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--min-group-size", type=int, default=30,
                    help="groups smaller than this are marked small (default 30); never dropped")
@@ -100,10 +102,10 @@ def parse_references(specs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .audit import AuditSettings
+    from .audit import FairnessSettings
     from .pipeline import fairness_audit
     from .report import insufficient_line
-    settings = AuditSettings(n_boot=args.n_boot, ci=args.ci, seed=args.seed,
+    settings = FairnessSettings(n_boot=args.n_boot, confidence=args.confidence, seed=args.seed,
                              min_group_size=args.min_group_size,
                              thresholds=parse_thresholds(args),
                              error_control=args.error_control,

@@ -22,7 +22,7 @@ import pandas as pd
 
 from safelm.errors import UserError
 
-from .audit import (METHOD, METHOD_REFERENCE, OVERALL, AuditSettings, group_label,
+from .audit import (METHOD, METHOD_REFERENCE, OVERALL, FairnessSettings, group_label,
                     make_slices, quantiles)
 from .bootstrap import Engine
 from .metrics import MetricDef, Task, encode, metric_defs
@@ -79,7 +79,7 @@ def _ci(x: np.ndarray, ci: float) -> list[float]:
     return quantiles(x, ci).tolist()
 
 
-def compare(main: PredTable, base: PredTable, settings: AuditSettings) -> dict[str, Any]:
+def compare(main: PredTable, base: PredTable, settings: FairnessSettings) -> dict[str, Any]:
     """The ``comparison`` section of report.json: per group, metric, value - baseline.
 
     Every change and every change against the overall change is one comparison of a
@@ -95,7 +95,7 @@ def compare(main: PredTable, base: PredTable, settings: AuditSettings) -> dict[s
     engine, sl = paired_engine(main, joined, task, metrics)
     point = engine.point()
     reps = engine.bootstrap(settings.n_boot, settings.seed + 1, stratified=True)
-    maxt = MaxT(settings.ci, settings.n_boot)
+    maxt = MaxT(settings.confidence, settings.n_boot)
     pending: list[tuple[dict[str, Any], float, float]] = []
     by_group = []
     ov_change = {m.name: reps[OVERALL][0][m.name][:, 0] - reps[OVERALL][1][m.name][:, 0]
@@ -115,7 +115,7 @@ def compare(main: PredTable, base: PredTable, settings: AuditSettings) -> dict[s
             d = reps[name][0][m.name] - reps[name][1][m.name]  # [B, G]
             vo = d - ov_change[m.name][:, None]
             se, se_o = maxt.add(a - b, d), maxt.add(a - b - ov_point[m.name], vo)
-            ci, ci_o = _ci(d, settings.ci), _ci(vo, settings.ci)
+            ci, ci_o = _ci(d, settings.confidence), _ci(vo, settings.confidence)
             for gi, e in enumerate(entries):
                 cvo = {"value": float((a[gi] - b[gi]) - ov_point[m.name]),
                        "ci": [ci_o[0][gi], ci_o[1][gi]]}

@@ -28,7 +28,7 @@ from sklearn.base import BaseEstimator
 
 from safelm.errors import UserError
 
-from .audit import OVERALL, AuditSettings, group_label, quantiles
+from .audit import OVERALL, FairnessSettings, group_label, quantiles
 from .compare import finish, join_tables, paired_engine
 from .comparisons import Pending
 from .disparities import pairs, range_interval
@@ -92,7 +92,7 @@ def threshold_optimize(test: PredTable, fit: PredTable, constraint: str, seed: i
     return np.where(np.asarray(out) == 1, pos, neg)
 
 
-def mitigate(test: PredTable, fit: PredTable, constraint: str, settings: AuditSettings
+def mitigate(test: PredTable, fit: PredTable, constraint: str, settings: FairnessSettings
              ) -> dict[str, Any]:
     """One entry of report.json's ``mitigation`` list: thresholds fit on ``fit``."""
     after = threshold_optimize(test, fit, constraint, settings.seed)
@@ -104,7 +104,7 @@ def mitigate(test: PredTable, fit: PredTable, constraint: str, settings: AuditSe
             **before_after(test, joined, settings)}
 
 
-def training_mitigation(after: PredTable, before: PredTable, settings: AuditSettings,
+def training_mitigation(after: PredTable, before: PredTable, settings: FairnessSettings,
                         method: str = "") -> dict[str, Any]:
     """The ``mitigation`` entry of an in-training mitigation (e.g. ``train.reweight``).
 
@@ -122,7 +122,7 @@ def training_mitigation(after: PredTable, before: PredTable, settings: AuditSett
             "evaluated_on": str(after.path), **before_after(after, joined, settings)}
 
 
-def before_after(test: PredTable, joined: Any, settings: AuditSettings) -> dict[str, Any]:
+def before_after(test: PredTable, joined: Any, settings: FairnessSettings) -> dict[str, Any]:
     """Before/after metrics with paired intervals; ``joined`` holds the after-predictions in
     ``y_pred`` and the before-predictions in ``y_pred_b``.
 
@@ -137,7 +137,7 @@ def before_after(test: PredTable, joined: Any, settings: AuditSettings) -> dict[
     full = "*".join(test.sensitive)
     point = engine.point()
     reps = engine.bootstrap(settings.n_boot, settings.seed + 2, stratified=True)
-    ci, simultaneous = settings.ci, settings.error_control == "simultaneous"
+    ci, simultaneous = settings.confidence, settings.error_control == "simultaneous"
     maxt = MaxT(ci, settings.n_boot)
     pend = Pending(maxt, simultaneous, all_in_family=True)
     pending: list[tuple[dict[str, Any], float, float]] = []

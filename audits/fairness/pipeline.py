@@ -7,7 +7,7 @@ from typing import Any
 
 from safelm.errors import UserError
 
-from .audit import AuditSettings, run_audit
+from .audit import FairnessSettings, run_audit
 from .compare import compare as compare_tables
 from .mitigate import CONSTRAINTS, mitigate as mitigate_table, training_mitigation
 from .report import complete, write_report
@@ -16,7 +16,7 @@ from .table import load_predictions
 
 def fairness_audit(predictions: str | Path, sensitive: str | list[str],
                    out: str | Path | None = None, *, pos_label: str | None = None,
-                   settings: AuditSettings | None = None, n_bins: int = 10,
+                   settings: FairnessSettings | None = None, n_bins: int = 10,
                    compare: str | Path | None = None, mitigate: list[str] | None = None,
                    fit_predictions: str | Path | None = None,
                    unmitigated: str | Path | None = None,
@@ -27,7 +27,7 @@ def fairness_audit(predictions: str | Path, sensitive: str | list[str],
     earlier report in ``out`` untouched. Returns the report dict (report.json's content),
     with the written paths under ``"_paths"`` when ``out`` is given.
     """
-    settings = settings or AuditSettings()
+    settings = settings or FairnessSettings()
     _check_settings(settings, n_bins)
     pt = load_predictions(predictions, sensitive, pos_label=pos_label, n_bins=n_bins)
     report = run_audit(pt, settings)
@@ -60,11 +60,11 @@ def fairness_audit(predictions: str | Path, sensitive: str | list[str],
     return report
 
 
-def _check_settings(st: AuditSettings, n_bins: int) -> None:
+def _check_settings(st: FairnessSettings, n_bins: int) -> None:
     if st.n_boot < 10:
         raise UserError(f"--n-boot {st.n_boot}: use at least 10 resamples (1000 recommended)")
-    if not 0.5 <= st.ci < 1:
-        raise UserError(f"--ci {st.ci}: give a confidence level in [0.5, 1), e.g. 0.95")
+    if not 0.5 <= st.confidence < 1:
+        raise UserError(f"--confidence {st.confidence}: give a level in [0.5, 1), e.g. 0.95")
     if st.min_group_size < 1:
         raise UserError("--min-group-size must be >= 1")
     if not 2 <= n_bins <= 100:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..common import atomic_write_json, atomic_write_text, prepare_out_dir, versions
+from .. import common
+from ..common import versions
 from ..reporting import esc, fmt, fmt_ci, md_table, page, table
 from . import plots
 from .plots import metric_name
@@ -233,7 +234,7 @@ def render_html(report: dict[str, Any], pt: PredTable | None = None) -> str:
                              if report.get("pos_label") else "")
     body = [f"<h1>Fairness audit</h1><p class=meta>{esc(Path(inp['predictions']).name)} · "
             f"{inp['rows']} rows · {esc(task)} · sensitive: {esc(', '.join(report['sensitive']))}"
-            f" · {st['n_boot']} bootstrap resamples, {int(st['ci'] * 100)}% intervals</p>"]
+            f" · {st['n_boot']} bootstrap resamples, {int(st['confidence'] * 100)}% intervals</p>"]
     lines = report["summary"]["flagged"]
     if lines:
         items = "".join(f"<li>{esc(s)}</li>" for s in lines[:HEADLINE_MAX])
@@ -380,7 +381,7 @@ def _footer(report: dict[str, Any]) -> str:
                if ec["mode"] == "simultaneous" else
                "Flags use the marginal intervals (--error-control none): with many "
                "comparisons, some flags are expected by chance.")
-    return (f"<h2>How to read this</h2><p class=note>Intervals: {int(st['ci'] * 100)}% "
+    return (f"<h2>How to read this</h2><p class=note>Intervals: {int(st['confidence'] * 100)}% "
             f"percentile bootstrap ({st['n_boot']} resamples, seed {st['seed']}); proportions "
             f"also include the Jeffreys interval. {control} A disparity is flagged only when "
             f"its whole interval lies beyond the tolerance: differences beyond "
@@ -399,7 +400,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# Fairness audit: {Path(inp['predictions']).name}", "",
            f"{inp['rows']} rows, task {report['task']}, sensitive "
            f"{', '.join(report['sensitive'])}; {st['n_boot']} bootstrap resamples, "
-           f"{int(st['ci'] * 100)}% intervals.", ""]
+           f"{int(st['confidence'] * 100)}% intervals.", ""]
     lines = report["summary"]["flagged"]
     out += ([f"**{report['summary']['n_flagged']} disparities flagged:**", ""]
             + [f"- {s}" for s in lines] if lines else ["**No disparity is flagged.**"]) + [""]
@@ -441,11 +442,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out: str | Path, pt: PredTable | None = None
                  ) -> dict[str, Path]:
-    """Render everything first, then write report.json/.md/.html, each atomically."""
-    d = prepare_out_dir(out)
-    html, md = render_html(report, pt), render_markdown(report)
-    paths = {"json": d / "report.json", "md": d / "report.md", "html": d / "report.html"}
-    atomic_write_json(paths["json"], report)
-    atomic_write_text(paths["md"], md)
-    atomic_write_text(paths["html"], html)
-    return paths
+    """Render (figures need the table ``pt``), then write with the audits' one writer."""
+    return common.write_report(report, out, markdown=render_markdown(report),
+                               html=render_html(report, pt))

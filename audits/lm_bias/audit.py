@@ -30,6 +30,7 @@ decide, and otherwise "not shown to exceed the tolerance".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +179,31 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return [s for st in STATUSES for t, s in lines if t == st]
 
 
+@dataclass
+class LMBiasSettings:
+    """Options of the LM bias audit (the same pattern as FairnessSettings, PrivacySettings)."""
+
+    samples: int = 6  # continuations per prompt; 0 skips the generation probe
+    max_new_tokens: int = 30
+    temperature: float = 0.8
+    top_k: int = 40
+    n_boot: int = 1000
+    confidence: float = 0.95  # interval level (--confidence)
+    seed: int = 0
+    tolerance_nats: float = 0.25
+    tolerance_score: float = 0.1
+
+
 def lm_bias_audit(run_dir: str | Path, out: str | Path | None = None, *,
                   probes: str | Path | None = None, classifier: str | Path | None = None,
-                  samples: int = 6, max_new_tokens: int = 30, temperature: float = 0.8,
-                  top_k: int = 40, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                  tolerance_nats: float = 0.25, tolerance_score: float = 0.1
-                  ) -> dict[str, Any]:
+                  settings: LMBiasSettings | None = None) -> dict[str, Any]:
     """Run both probes on an LM run; write report.json/.md/.html into ``out`` if given."""
+    st = settings or LMBiasSettings()
+    n_boot, ci, seed, samples = st.n_boot, st.confidence, st.seed, st.samples
+    max_new_tokens, temperature, top_k = st.max_new_tokens, st.temperature, st.top_k
+    tolerance_nats, tolerance_score = st.tolerance_nats, st.tolerance_score
     if n_boot < 10 or not 0.5 <= ci < 1 or samples < 0 or max_new_tokens < 1:
-        raise UserError("need --n-boot >= 10, --ci in [0.5, 1), --samples >= 0 and "
+        raise UserError("need --n-boot >= 10, --confidence in [0.5, 1), --samples >= 0 and "
                         "--max-new-tokens >= 1")
     probe_set = load_probes(probes)
     run = load_lm(run_dir)
@@ -210,7 +227,7 @@ def lm_bias_audit(run_dir: str | Path, out: str | Path | None = None, *,
     scorers = ["lexicon"] + ([f"classifier {classifier}"] if classifier else [])
     report: dict[str, Any] = {
         "run": str(run_dir), "probe_set": probe_set["name"],
-        "settings": {"n_boot": n_boot, "ci": ci, "seed": seed, "samples": samples,
+        "settings": {"n_boot": n_boot, "confidence": ci, "seed": seed, "samples": samples,
                      "max_new_tokens": max_new_tokens, "temperature": temperature,
                      "top_k": top_k, "tolerance_nats": tolerance_nats,
                      "tolerance_score": tolerance_score},

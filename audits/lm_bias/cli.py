@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--ci", type=float, default=0.95)
+    p.add_argument("--confidence", "--ci", dest="confidence", type=float, default=0.95,
+                   help="interval level (default 0.95); --ci is a deprecated alias, removed "
+                   "in the next release")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance-nats", type=float, default=0.25,
                    help="flag a counterfactual gap whose simultaneous interval lies beyond this "
@@ -33,13 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .audit import lm_bias_audit
+    from .audit import LMBiasSettings, lm_bias_audit
     report = lm_bias_audit(args.run_dir, args.out, probes=args.probes,
-                           classifier=args.classifier, samples=args.samples,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, n_boot=args.n_boot, ci=args.ci, seed=args.seed,
-                           tolerance_nats=args.tolerance_nats,
-                           tolerance_score=args.tolerance_score)
+                           classifier=args.classifier, settings=LMBiasSettings(
+                               samples=args.samples, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k,
+                               n_boot=args.n_boot, confidence=args.confidence, seed=args.seed,
+                               tolerance_nats=args.tolerance_nats,
+                               tolerance_score=args.tolerance_score))
     from .report import method_text
     sm = report["summary"]
     print(f"{sm['n_flagged']} finding(s) flagged, {sm['n_insufficient_data']} with "

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .audit import lm_bias_audit
+from .audit import LMBiasSettings, lm_bias_audit
 
 SCORER_NOTE = ("generated continuations scored by the offline sentiment lexicon, continuation "
                "only (not by the demo classifier: it was trained on deliberately biased labels)")
@@ -26,8 +26,8 @@ def demo_step(ctx: dict[str, Any]) -> dict[str, Any]:
     print("\n[audit] bias probes of the language model")
     print(f"  {SCORER_NOTE}")
     lm = lm_bias_audit(ctx["lm_run"], Path(ctx["out"]) / "audit-lm-bias", classifier=None,
-                       samples=2 if quick else 4, max_new_tokens=20,
-                       n_boot=300 if quick else 1000)
+                       settings=LMBiasSettings(samples=2 if quick else 4, max_new_tokens=20,
+                                               n_boot=300 if quick else 1000))
     ctx["lm_bias_report"] = lm["_paths"]["html"]
     sm = lm["summary"]
     print(f"  {sm['n_flagged']} finding(s) flagged, {sm['n_insufficient_data']} with "

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common import atomic_write_json, atomic_write_text, prepare_out_dir
+from .. import common
 from ..reporting import esc, figure_png, fmt, fmt_ci, md_table, page, table
 
 
@@ -78,7 +78,7 @@ def render_html(report: dict[str, Any]) -> str:
         head += f"; {ni} with insufficient data to decide"
     body = [f"<h1>LM bias probes</h1><p class=meta>run {esc(report['run'])} · probe set "
             f"{esc(report['probe_set'])} · {st['n_boot']} bootstrap resamples, "
-            f"{int(st['ci'] * 100)}% intervals</p>",
+            f"{int(st['confidence'] * 100)}% intervals</p>",
             f'<div class="{cls}"><b>{head}</b><ul>'
             + "".join(f"<li>{esc(s)}</li>" for s in lines) + "</ul></div>",
             f"<p class=note>{esc(method_text(report))}</p>"]
@@ -141,10 +141,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    d = prepare_out_dir(out)
-    html, md = render_html(report), render_markdown(report)
-    paths = {"json": d / "report.json", "md": d / "report.md", "html": d / "report.html"}
-    atomic_write_json(paths["json"], report)
-    atomic_write_text(paths["md"], md)
-    atomic_write_text(paths["html"], html)
-    return paths
+    """Render, then write with the audits' one writer."""
+    return common.write_report(report, out, markdown=render_markdown(report),
+                               html=render_html(report))

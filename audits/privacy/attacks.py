@@ -59,7 +59,7 @@ class Inputs:
 
 def read_rows(path: str | Path, cfg: Any, overrides: dict[str, Any], what: str) -> pd.DataFrame:
     """Rows of a user's file by the run's data settings (+ column overrides)."""
-    from safelm.api import load_rows
+    from safelm.data import load_rows
     data = dataclasses.replace(cfg.data, **{**overrides, "user_col": "", "group_cols": []})
     p = Path(path)
     if not p.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..common import atomic_write_json, atomic_write_text
+from .. import common
 from ..reporting import esc, figure_png, fmt, fmt_ci, md_table, page, table
 
 LEVELS = ("0.01", "0.001")
@@ -95,7 +95,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def to_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any]) -> str:
     out = ["# Privacy audit", "", f"Run: `{report['run']['path']}` ({report['run']['task']}); "
            f"{report['n']['members']} members, {report['n']['non_members']} non-members.", ""]
     out += [f"- {s}" for s in summary_lines(report)]
@@ -132,7 +132,7 @@ METHOD = [
 ]
 
 
-def to_html(report: dict[str, Any]) -> str:
+def render_html(report: dict[str, Any]) -> str:
     ok = report["passed"] is not False
     lead = (f'<div class="lead{" ok" if ok else ""}"><ul>'
             + "".join(f"<li>{esc(s)}</li>" for s in summary_lines(report)) + "</ul></div>")
@@ -160,10 +160,6 @@ def to_html(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Render all three first, then write each atomically."""
-    texts = {"md": to_markdown(report), "html": to_html(report)}
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
-    atomic_write_json(paths["json"], report)
-    atomic_write_text(paths["md"], texts["md"])
-    atomic_write_text(paths["html"], texts["html"])
-    return paths
+    """Render, then write with the audits' one writer."""
+    return common.write_report(report, out, markdown=render_markdown(report),
+                               html=render_html(report))
