@@ -82,7 +82,7 @@ def fast_bootstrap(df: pd.DataFrame, n_boot: int, seed: int = 0
 
 def full_audit(n: int, n_boot: int) -> tuple[float, int, float]:
     """Seconds of ``run_audit`` on n rows, 2 x 4 x 6 groups; disparities; critical value."""
-    from audits.fairness.audit import AuditSettings, run_audit
+    from audits.fairness.audit import FairnessSettings, run_audit
     from audits.fairness.table import PredTable
     rng = np.random.default_rng(7)
     df = synthetic(n).drop(columns=COLS)
@@ -92,7 +92,7 @@ def full_audit(n: int, n_boot: int) -> tuple[float, int, float]:
     df["example_id"] = np.arange(n).astype(str)
     pt = PredTable(df, None, "", TASK, ["a", "b", "c"])  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    rep = run_audit(pt, AuditSettings(n_boot=n_boot))
+    rep = run_audit(pt, FairnessSettings(n_boot=n_boot))
     return (time.perf_counter() - t0, len(rep["disparities"]),
             rep["settings"]["error_control"]["critical_value"])
 

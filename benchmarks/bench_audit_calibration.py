@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
-from audits.fairness.audit import AuditSettings, run_audit
+from audits.fairness.audit import FairnessSettings, run_audit
 from audits.fairness.comparisons import flag
 from audits.fairness.metrics import Task
 from audits.fairness.table import PredTable
@@ -90,7 +90,7 @@ def null_scenario(groups: int, size: int, audits: int, n_boot: int, seed: int) -
     counts = {"sim_t0": 0, "sim_default": 0, "marginal_t0": 0}
     for i in range(audits):
         pt = table(levels, [size] * groups, rng)
-        rep = run_audit(pt, AuditSettings(n_boot=n_boot, seed=i), check=False)
+        rep = run_audit(pt, FairnessSettings(n_boot=n_boot, seed=i), check=False)
         ds = rep["disparities"]
         counts["sim_t0"] += any(zero_flag(d, "ci_simultaneous") for d in ds)
         counts["sim_default"] += any(d["flagged"] for d in ds)
@@ -121,7 +121,7 @@ def power_scenario(metric: str, gap: float, size: int, audits: int, n_boot: int,
     hits0 = hits = 0
     for i in range(audits):
         pt = table((2, 3), [size] + [2000] * 5, rng, plant=(metric, gap))
-        rep = run_audit(pt, AuditSettings(n_boot=n_boot, seed=i), check=False)
+        rep = run_audit(pt, FairnessSettings(n_boot=n_boot, seed=i), check=False)
         hits0 += detected(rep, metric, "ci_simultaneous", True)
         hits += detected(rep, metric, "ci_simultaneous", False)
     return {"metric": metric, "gap": gap, "group_rows": size, "audits": audits,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from audits.fairness.audit import AuditSettings
+from audits.fairness.audit import FairnessSettings
 from audits.fairness.pipeline import fairness_audit
 from fairness_helpers import simulate, write
 
-SETTINGS = AuditSettings(n_boot=400)
+SETTINGS = FairnessSettings(n_boot=400)
 
 
 def _flagged(report, metric, label, kind="ratio"):

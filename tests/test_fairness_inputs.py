@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audits.fairness.audit import AuditSettings
+from audits.fairness.audit import FairnessSettings
 from audits.fairness.pipeline import fairness_audit
 from fairness_helpers import random_binary, write
 from safelm.cli import main
 from safelm.errors import UserError
 
-FAST = AuditSettings(n_boot=50)
+FAST = FairnessSettings(n_boot=50)
 
 
 @pytest.fixture

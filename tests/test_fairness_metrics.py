@@ -8,11 +8,11 @@ import pytest
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from audits.fairness.audit import AuditSettings, run_audit
+from audits.fairness.audit import FairnessSettings, run_audit
 from audits.fairness.table import load_predictions
 from fairness_helpers import random_binary, write
 
-FAST = AuditSettings(n_boot=50)
+FAST = FairnessSettings(n_boot=50)
 
 
 def _groups(report: dict, slice_name: str) -> dict[str, dict]:

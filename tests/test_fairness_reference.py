@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audits.fairness.audit import AuditSettings
+from audits.fairness.audit import FairnessSettings
 from audits.fairness.pipeline import fairness_audit
 from fairness_helpers import write
 from safelm.cli import main
 
-FAST = AuditSettings(n_boot=200)
+FAST = FairnessSettings(n_boot=200)
 
 
 def table(n: int, rates: dict[str, float], seed: int = 0, sizes: dict[str, float] | None = None
@@ -41,7 +41,7 @@ def _ref(rep, label, metric="selection_rate", kind="ratio"):
 def test_reference_values_match_pandas_and_the_four_fifths_rule_uses_it(tmp_path):
     df = table(4000, {"a": 0.6, "b": 0.55, "c": 0.3})
     rep = fairness_audit(write(df, tmp_path / "p.csv"), "grp,reg",
-                         settings=AuditSettings(n_boot=200, references={"grp": "a"}))
+                         settings=FairnessSettings(n_boot=200, references={"grp": "a"}))
     sel = df.assign(s=df["y_pred"] == "yes").groupby("grp")["s"].mean()
     for g in ("b", "c"):
         r, d = _ref(rep, g), _ref(rep, g, kind="difference")
@@ -66,7 +66,7 @@ def test_reference_values_match_pandas_and_the_four_fifths_rule_uses_it(tmp_path
 def test_reference_null_flags_nothing(tmp_path):
     for seed in range(3):
         df = table(3000, {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5}, seed=seed)
-        rep = fairness_audit(write(df, tmp_path / "p.csv"), "grp,reg", settings=AuditSettings(
+        rep = fairness_audit(write(df, tmp_path / "p.csv"), "grp,reg", settings=FairnessSettings(
             n_boot=200, references={"grp": "b", "reg": "n"}))
         assert rep["summary"]["n_flagged"] == 0, rep["summary"]["flagged"]
         assert set(rep["settings"]["references"]["slices"]) == {"grp", "reg", "grp*reg"}
@@ -156,7 +156,7 @@ def test_compare_is_error_controlled(tmp_path):
 
     a, b = write(model(1), tmp_path / "a.csv"), write(model(2), tmp_path / "b.csv")
     sim = fairness_audit(a, "x,u,w", settings=FAST, compare=b)["comparison"]
-    none = fairness_audit(a, "x,u,w", settings=AuditSettings(n_boot=200, error_control="none"),
+    none = fairness_audit(a, "x,u,w", settings=FairnessSettings(n_boot=200, error_control="none"),
                           compare=b)["comparison"]
     count = (lambda c: sum(m["significant"] for e in c["by_group"]
                            for m in e["metrics"].values()))
@@ -184,7 +184,7 @@ def test_mitigation_before_after_is_error_controlled(tmp_path):
     a, b = write(model(3), tmp_path / "a.csv"), write(model(4), tmp_path / "b.csv")
     counts = {}
     for mode in ("simultaneous", "none"):
-        rep = fairness_audit(a, "x,u,w", unmitigated=b, settings=AuditSettings(
+        rep = fairness_audit(a, "x,u,w", unmitigated=b, settings=FairnessSettings(
             n_boot=200, error_control=mode))
         m = rep["mitigation"][0]
         counts[mode] = sum(v["change"]["significant"] for g in m["by_group"]

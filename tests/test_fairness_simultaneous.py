@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy.stats import ks_2samp, norm
 
-from audits.fairness.audit import AuditSettings, make_slices, run_audit
+from audits.fairness.audit import FairnessSettings, make_slices, run_audit
 from audits.fairness.bootstrap import Engine
 from audits.fairness.disparities import range_interval
 from audits.fairness.metrics import Task, metric_defs
@@ -122,7 +122,7 @@ def test_joint_coverage_with_tiny_groups_and_extreme_rates():
     trials, joint, marginal = 60, 0, 0
     for i in range(trials):
         rep = run_audit(_pt(cells_table(levels, sizes, sel, rng)),
-                        AuditSettings(n_boot=200, seed=i, min_group_size=20), check=False)
+                        FairnessSettings(n_boot=200, seed=i, min_group_size=20), check=False)
         ok_sim = ok_marg = True
         for d in rep["disparities"]:
             if d["metric"] not in ("selection_rate", "demographic_parity") or \
@@ -147,9 +147,9 @@ def test_fair_model_with_24_groups_is_never_flagged(tmp_path):
     flagged_sim, flagged_none = 0, 0
     for trial in range(6):
         path = write(cells_table((2, 3, 4), [150] * 24, [0.4] * 24, rng), tmp_path / "p.csv")
-        rep = fairness_audit(path, "a0,a1,a2", settings=AuditSettings(n_boot=200, seed=trial))
+        rep = fairness_audit(path, "a0,a1,a2", settings=FairnessSettings(n_boot=200, seed=trial))
         flagged_sim += rep["summary"]["n_flagged"] > 0
-        none = fairness_audit(path, "a0,a1,a2", settings=AuditSettings(
+        none = fairness_audit(path, "a0,a1,a2", settings=FairnessSettings(
             n_boot=200, seed=trial, error_control="none"))
         flagged_none += none["summary"]["n_flagged"] > 0
         assert rep["settings"]["error_control"]["family_size"] > 1000
@@ -162,7 +162,7 @@ def test_planted_gap_in_one_of_24_groups_is_found(tmp_path):
     sel = [0.5] * 24
     sel[7] = 0.15  # cell v0*v1*v3
     rep = fairness_audit(write(cells_table((2, 3, 4), [150] * 24, sel, rng), tmp_path / "p.csv"),
-                         "a0,a1,a2", settings=AuditSettings(n_boot=300))
+                         "a0,a1,a2", settings=FairnessSettings(n_boot=300))
     hit = [d for d in rep["disparities"] if d["flagged"] and d["reference"] == "overall"
            and d["metric"] == "selection_rate"]
     assert {d["label"] for d in hit} == {"v0*v1*v3"}

@@ -63,13 +63,13 @@ def plain_run(tmp_path_factory, data) -> Path:
 @pytest.fixture(scope="module")
 def fairness_report(tmp_path_factory, dp_run, data) -> Path:
     """A real fairness audit of the DP run's predictions (the report format it consumes)."""
-    from audits.fairness.audit import AuditSettings
+    from audits.fairness.audit import FairnessSettings
     from audits.fairness.pipeline import fairness_audit
     d = tmp_path_factory.mktemp("fair")
     table = predictions_table(load_run(dp_run), data, data_overrides={"group_cols": ["gender"]})
     write_csv(table, d / "pred.csv")  # with its .meta.json: the report knows the weights
     rep = fairness_audit(d / "pred.csv", ["gender"], d / "audit",
-                         settings=AuditSettings(n_boot=100))
+                         settings=FairnessSettings(n_boot=100))
     return Path(rep["_paths"]["html"])
 
 
