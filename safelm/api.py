@@ -321,7 +321,7 @@ def generate(run: Run, prompt: str, *, max_new_tokens: int = 50, temperature: fl
     start = ids.shape[1]
     for _ in range(max_new_tokens):
         logits = run.model(ids[:, -T:])[:, -1, :].float()  # [1, V]
-        logits[:, [tok.pad_id, tok.bos_id]] = float("-inf")
+        logits[:, sorted({tok.pad_id, tok.bos_id} - {tok.eos_id})] = float("-inf")
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:

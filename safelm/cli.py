@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planted bias strength for 'sentiment': the share of old women's "
                    "positive training labels flipped to negative (default 0.8)")
     c.add_argument("--seed", type=int, default=0)
+    i = sub.add_parser("import", help="convert a Hugging Face GPT-2 checkpoint into a run dir",
+                       description="Convert a local Hugging Face GPT-2-family checkpoint "
+                       "(config.json, model.safetensors, tokenizer.json or vocab.json + "
+                       "merges.txt) into a SafeLM run dir. Nothing is downloaded or unpickled.")
+    i.add_argument("format", choices=("hf",))
+    i.add_argument("src", help="local checkpoint folder")
+    i.add_argument("--out", required=True, help="run dir to create (must not exist)")
+    i.add_argument("--block-size", type=int, help="context length (default: n_positions)")
+
+    e = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint",
+                       description="Write RUN_DIR as a transformers checkpoint (GPT2LMHeadModel "
+                       "or GPT2ForSequenceClassification, safetensors) with its tokenizer.")
+    e.add_argument("format", choices=("hf",))
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True, help="folder to create (must not exist)")
     for plugin in load_plugins():
         if hasattr(plugin, "register"):
             COMMANDS.update(plugin.register(sub))
@@ -199,7 +214,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Any] = {"train": cmd_train, "predict": cmd_predict, "generate": cmd_generate,
+def cmd_import(args: argparse.Namespace) -> int:
+    from .hf import import_hf
+    cfg = import_hf(args.src, args.out, block_size=args.block_size)
+    m = cfg.model
+    print(f"imported {args.src}: GPT-2 {m.n_layer} layers, d_model {m.d_model}, {m.n_head} "
+          f"heads, vocabulary {m.vocab_size}, context {m.block_size}, activation "
+          f"{m.activation} -> run dir {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .hf import export_hf
+    out = export_hf(args.run_dir, args.out)
+    print(f"exported {args.run_dir} -> {out} (load with transformers: "
+          "AutoModelForCausalLM / AutoModelForSequenceClassification.from_pretrained, "
+          "AutoTokenizer.from_pretrained)")
+    return 0
+
+
+COMMANDS: dict[str, Any] = {"import": cmd_import, "export": cmd_export, "train": cmd_train, "predict": cmd_predict, "generate": cmd_generate,
             "demo": cmd_demo, "corpus": cmd_corpus}
 
 

@@ -33,6 +33,8 @@ class ModelConfig:
     dropout: float = 0.1
     tie_weights: bool = True  # LM head shares the token embedding (module-level tying only)
     num_classes: int = 0  # classification: resolved from the training labels
+    activation: str = "gelu"  # MLP: gelu (exact, erf) | gelu_new (tanh approximation, GPT-2)
+    ln_eps: float = 1e-5  # LayerNorm epsilon
 
 
 @dataclass
@@ -183,6 +185,9 @@ class Config:
     def validate(self) -> Config:
         m, d, t, p = self.model, self.data, self.train, self.privacy
         _choice("model.arch", m.arch, ("transformer", "lstm"))
+        _choice("model.activation", m.activation, ("gelu", "gelu_new"))
+        if not 0.0 < m.ln_eps < 1.0:
+            raise ConfigError(f"model.ln_eps={m.ln_eps} must be in (0, 1), e.g. 1e-5")
         _choice("data.format", d.format, ("auto", "csv", "jsonl", "txt"))
         _choice("data.text_mode", d.text_mode, ("auto", "lines", "running"))
         _choice("data.empty_group", d.empty_group, ("unknown", "error"))

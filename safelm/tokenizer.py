@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL = ("<pad>", "<bos>", "<eos>")
+GPT2_EOT = "<|endoftext|>"
 
 
 class Tokenizer:
@@ -28,7 +29,15 @@ class Tokenizer:
         self.hf.encode_special_tokens = True
         self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in SPECIAL)
         if None in (self.pad_id, self.bos_id, self.eos_id):
-            raise ValueError("tokenizer lacks SafeLM's special tokens <pad>, <bos>, <eos>")
+            # An imported GPT-2-family tokenizer (`safelm import hf`): its one special token
+            # <|endoftext|> serves as bos, eos and pad, the Hugging Face convention for GPT-2.
+            # A classifier then reads the last real token exactly where transformers'
+            # GPT2ForSequenceClassification does (the last token that is not pad).
+            eot = hf.token_to_id(GPT2_EOT)
+            if eot is None:
+                raise ValueError("tokenizer lacks SafeLM's special tokens <pad>, <bos>, <eos> "
+                                 f"(or GPT-2's {GPT2_EOT})")
+            self.pad_id = self.bos_id = self.eos_id = eot
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
