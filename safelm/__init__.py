@@ -16,6 +16,7 @@ _EXPORTS = {
     "data": ["Batch", "BlockDataset", "Encoded", "encode_rows", "load_rows", "split_rows"],
     "errors": ["ConfigError", "DataError", "UserError"],
     "hashing": ["file_sha256", "meta_path", "read_model_sha256"],
+    "hf": ["export_hf", "import_hf"],
     "model": ["LSTMModel", "Transformer", "build_model"],
     "privacy": ["DifferentialPrivacy", "make_privacy", "recompute_epsilon"],
     "tokenizer": ["Tokenizer"],
@@ -31,7 +32,8 @@ _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 PUBLIC_MODULES = {
     "corpus": ["sentiment_corpus", "story_corpus", "write_sentiment_csv", "write_story_text"],
     "files": ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"],
-    "hashing": ["META_KIND", "META_SUFFIX", "file_sha256", "meta_path", "read_model_sha256"],
+    "hashing": ["HF_DIR", "META_KIND", "META_SUFFIX", "file_sha256", "listed_name_ok",
+                "meta_path", "read_model_sha256"],
     "rundir": ["CHECKSUMS", "CONFIG", "METRICS", "PRIVACY", "RELEASE_MANIFEST", "RELEASE_SUMS",
                "RESUME", "TOKENIZER", "WEIGHTS", "atomic_write_json", "atomic_write_text",
                "load_weights", "read_config", "read_metrics", "save_weights", "unwrap",

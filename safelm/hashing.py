@@ -17,6 +17,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+HF_DIR = "hf"  # a release's transformers copy (safelm export hf): hf/<file>
+
+
+def listed_name_ok(name: str) -> bool:
+    """A file a listing may name: a plain name in the dir, or ``hf/<name>`` (never a path
+    that leaves the dir)."""
+    parts = name.split("/")
+    if len(parts) == 2 and parts[0] == HF_DIR:
+        parts = parts[1:]
+    return len(parts) == 1 and parts[0] not in ("", ".", "..") and "\\" not in parts[0]
+
+
 META_SUFFIX = ".meta.json"
 META_KIND = "safelm-predictions-meta"
 

@@ -325,7 +325,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)
         (tmp / "safelm.json").write_text(json.dumps({
-            "source_run": str(run_dir), "task": task, "safelm_config": cfg.to_dict(),
+            "source_run": run_dir.resolve().name, "task": task, "safelm_config": cfg.to_dict(),
             "note": "SafeLM inputs start with the bos token: encode as [bos_token_id] + "
                     "tokenizer(text).input_ids"}, indent=2, sort_keys=True) + "\n")
         _publish(tmp, out)

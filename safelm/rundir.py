@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 from .config import Config
 from .errors import UserError
 from .files import atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
-from .hashing import file_sha256
+from .hashing import HF_DIR, file_sha256, listed_name_ok  # noqa: F401 (HF_DIR re-exported)
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS, RESUME, PRIVACY = (
     "model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "resume",
@@ -161,7 +161,7 @@ def verify_checksums(run_dir: str | Path) -> int:
     listed, seen = _listed_hashes(p), {}
     for listing, name, expected in listed:
         f = p / name
-        if not name or Path(name).name != name or name in (".", ".."):
+        if not listed_name_ok(name):
             raise UserError(f"{p / listing}: lists {name!r}, which is not a file in this dir; "
                             "refusing to load it")
         if not f.is_file():

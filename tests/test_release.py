@@ -136,13 +136,22 @@ def copy_of(tmp_path):
 def test_release_holds_every_field_and_hashes_recompute(dp_release, dp_run, data,
                                                         fairness_report):
     files = sorted(p.name for p in dp_release.iterdir())
-    assert files == sorted(RELEASED)
+    assert files == sorted(RELEASED + ("hf",))  # hf/: the transformers copy (test_hf.py)
+    hf_files = tuple(sorted(f"hf/{p.name}" for p in (dp_release / "hf").iterdir()))
+    assert {"hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"} <= set(hf_files)
     m = json.loads((dp_release / "release.json").read_text())
     assert set(KEYS) <= set(m) and m["schema_version"] == 1
+    assert m["huggingface"]["included"] is True
     # Every other file's sha256, recomputed independently; release.sha256 covers release.json.
-    assert m["files"] == {n: sha(dp_release / n) for n in RELEASED[:6]}
+    assert m["files"] == {n: sha(dp_release / n) for n in RELEASED[:6] + hf_files}
     lines = (dp_release / "release.sha256").read_text().splitlines()
-    assert lines == [f"{sha(dp_release / n)}  {n}" for n in sorted(RELEASED[:7])]
+    assert lines == [f"{sha(dp_release / n)}  {n}" for n in sorted(RELEASED[:7] + hf_files)]
+    # the model card carries the Hub's metadata with the privacy claim
+    card = (dp_release / "MODEL_CARD.md").read_text()
+    head = card.split("---")[1]
+    assert '"differential-privacy"' in head and "library_name:" in head and "metrics:" in head
+    assert f"epsilon: {json.dumps(m['privacy']['epsilon'])}" in head
+    assert 'noise_source: "os_entropy"' in head
     for name in ("model.safetensors", "config.json", "tokenizer.json", "privacy.json"):
         assert sha(dp_release / name) == sha(dp_run / name)  # copied byte for byte
     # Data fingerprint: the CSV's own hash and row counts, no text.
@@ -185,7 +194,9 @@ def test_release_holds_every_field_and_hashes_recompute(dp_release, dp_run, data
 def test_release_carries_no_raw_text_and_no_secrets(dp_release, data):
     with open(data, newline="", encoding="utf-8") as f:
         texts = [row["text"] for row in csv.DictReader(f)][:30]
-    blobs = {p.name: p.read_bytes() for p in dp_release.iterdir()}
+    blobs = {str(p.relative_to(dp_release)): p.read_bytes() for p in dp_release.rglob("*")
+             if p.is_file()}
+    assert any(name.startswith("hf/") for name in blobs)  # the transformers copy too
     for name, blob in blobs.items():
         for t in texts:
             assert t.encode() not in blob, (name, t)
@@ -232,6 +243,25 @@ def test_added_or_removed_file_fails_integrity(capsys, dp_release, copy_of):
     assert rc == 1 and "missing file privacy.json" in out and "integrity" in failed_gates(out)
 
 
+def test_the_transformers_copy_is_covered_like_every_file(capsys, dp_release, copy_of, tmp_path):
+    """hf/ files are hashed and checked: a changed byte, an extra file and a listing that
+    points outside the release each fail (planted); the untouched copy passes (control)."""
+    from safelm.hashing import listed_name_ok
+    assert cli(capsys, "verify", dp_release)[0] == 0
+    rel = copy_of(dp_release)
+    flip_byte(rel / "hf" / "model.safetensors")
+    rc, out, _ = cli(capsys, "verify", rel)
+    assert rc == 1 and "hf/model.safetensors: sha256 differs" in out, out
+    rel2 = tmp_path / "rel2"
+    shutil.copytree(dp_release, rel2)
+    (rel2 / "hf" / "extra.py").write_text("print('hi')\n")
+    rc, out, _ = cli(capsys, "verify", rel2)
+    assert rc == 1 and "extra file hf/extra.py" in out, out
+    assert listed_name_ok("hf/config.json") and listed_name_ok("model.safetensors")
+    for bad in ("../x", "hf/../x", "a/b", "hf/a/b", "", "hf/"):
+        assert not listed_name_ok(bad), bad
+
+
 def test_rewritten_listings_cannot_understate_epsilon(capsys, dp_release, copy_of):
     """Someone lowers epsilon in release.json and privacy.json and rewrites both listings:
     the hashes agree again, but the fresh accountant does not."""
@@ -244,7 +274,8 @@ def test_rewritten_listings_cannot_understate_epsilon(capsys, dp_release, copy_o
     m["privacy"]["epsilon"] = ledger["epsilon"]
     m["files"]["privacy.json"] = sha(rel / "privacy.json")
     (rel / "release.json").write_text(json.dumps(m))
-    names = [n for n in RELEASED if n != "release.sha256"]
+    names = [n for n in RELEASED if n != "release.sha256"] + \
+        [f"hf/{p.name}" for p in (rel / "hf").iterdir()]
     (rel / "release.sha256").write_text(sums_text({n: sha(rel / n) for n in names}))
     rc, out, _ = cli(capsys, "verify", rel)
     assert rc == 1 and failed_gates(out) == {"epsilon_recomputes"}, out

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safelm.errors import UserError
-from safelm.hashing import file_sha256
+from safelm.hashing import HF_DIR, file_sha256
 
 from ..common import (atomic_write_bytes, atomic_write_json, atomic_write_text, jsonable,
                       versions)
@@ -78,7 +78,9 @@ def release(run_dir: str | Path, out: str | Path, options: ReleaseOptions | None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         hashes = _copy_files(src, tmp)
-        manifest = describe(src, run, hashes, opts)
+        hf_hashes, hf_note = _hf_copy(src, tmp, run)
+        manifest = describe(src, run, {**hashes, **hf_hashes}, opts)
+        manifest["huggingface"] = hf_note
         if key_fp:
             manifest["integrity"]["signature"] = {
                 "file": signing.SIG, "format": "sshsig", "namespace": signing.NAMESPACE,
@@ -114,6 +116,27 @@ def _copy_files(src: Path, dst: Path) -> dict[str, str]:
                 raise UserError(f"{src / name}: hash mismatch with checksums.json while "
                                 "copying (is a training still writing this run?)")
     return hashes
+
+
+def _hf_copy(src: Path, dst: Path, run: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """The transformers copy of the model under ``hf/`` (``safelm export hf``), hashed like
+    every other file; skipped, and said so, without transformers or for an LSTM."""
+    if run.cfg.model.arch != "transformer":
+        return {}, {"included": False, "reason": "model.arch=lstm has no transformers "
+                                                 "equivalent"}
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {}, {"included": False, "reason": "transformers not installed when released "
+                                                 "(pip install 'safelm[hf]')"}
+    from safelm.hf import export_hf
+    export_hf(src, dst / HF_DIR)
+    hashes = {f"{HF_DIR}/{p.name}": file_sha256(p) for p in sorted((dst / HF_DIR).iterdir())}
+    auto = ("AutoModelForCausalLM" if run.cfg.train.task == "lm"
+            else "AutoModelForSequenceClassification")
+    return hashes, {"included": True, "dir": HF_DIR, "load": f"transformers.{auto}"
+                    f".from_pretrained('{HF_DIR}'); AutoTokenizer.from_pretrained('{HF_DIR}')",
+                    "inputs": "[bos_token_id] + tokenizer(text).input_ids"}
 
 
 def describe(src: Path, run: Any, hashes: dict[str, str], opts: ReleaseOptions

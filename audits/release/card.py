@@ -6,6 +6,8 @@ can never say something the machine-readable manifest does not (and both are has
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Union
 
 from ..reporting import esc, md_table, page
@@ -120,6 +122,15 @@ def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
                   "[--policy FILE]`, or the hashes alone with `sha256sum -c release.sha256`."),
             *_signature(m)]),
     ]
+    hf = m.get("huggingface") or {}
+    if hf.get("included"):
+        secs.append(("Loading with Hugging Face transformers", [("p", (
+            f"The folder {hf['dir']}/ holds the same model as a transformers checkpoint "
+            f"(logits equal to SafeLM's within 1e-4): {hf['load']}. Inputs start with the "
+            f"bos token: {hf['inputs']}."))]))
+    elif hf:
+        secs.append(("Loading with Hugging Face transformers",
+                     [("p", f"No transformers copy in this release: {hf.get('reason')}.")]))
     return secs
 
 
@@ -189,8 +200,37 @@ def _fairness(f: dict[str, Any] | None) -> list[Block]:
                        "flagged"], rows), ("ul", f["flagged"])]
 
 
+def front_matter(m: dict[str, Any]) -> str:
+    """The Hugging Face Hub's model-card metadata (YAML between ``---`` lines): library_name,
+    pipeline_tag, tags, datasets, metrics, plus a ``privacy`` block with the claim, where the
+    noise came from and the empirical audit's bound. Values are JSON scalars and flow lists,
+    which YAML reads as they are."""
+    model, priv = m.get("model", {}), m.get("privacy", {})
+    emp, data = m.get("empirical_privacy_audit") or {}, m.get("data", {})
+    task = model.get("task")
+    tags = ["safelm", "gpt2" if model.get("arch") == "transformer" else "lstm"]
+    if priv.get("enabled"):
+        tags += ["differential-privacy", "dp-sgd"]
+    if (m.get("training") or {}).get("federated"):
+        tags.append("federated-learning")
+    metrics = (["accuracy", "f1"] if task == "classify" else ["perplexity"])
+    fields: list[tuple[str, Any]] = [
+        ("library_name", "safelm"),
+        ("pipeline_tag", "text-classification" if task == "classify" else "text-generation"),
+        ("tags", tags),
+        ("datasets", [f"sha256:{data['sha256']}"] if data.get("sha256") else []),
+        ("metrics", metrics)]
+    lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in fields]
+    lines += ["privacy:"] + [f"  {k}: {json.dumps(v)}" for k, v in (
+        ("differential_privacy", bool(priv.get("enabled"))), ("epsilon", priv.get("epsilon")),
+        ("delta", priv.get("delta")), ("unit", priv.get("unit")),
+        ("accountant", priv.get("accountant")), ("noise_source", priv.get("noise_source")),
+        ("audit_epsilon_lower_bound", emp.get("empirical_epsilon")))]
+    return "\n".join(lines + ["---", ""])
+
+
 def markdown(m: dict[str, Any]) -> str:
-    out = [f"# Model card: {m['name']}", "", f"Released {m['created']} "
+    out = [front_matter(m), f"# Model card: {m['name']}", "", f"Released {m['created']} "
            f"(release schema {m['schema_version']}).", ""]
     for title, blocks in sections(m):
         out += [f"## {title}", ""]

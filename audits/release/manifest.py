@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safelm.hashing import file_sha256
+from safelm.hashing import HF_DIR, file_sha256, listed_name_ok
 
 SCHEMA_VERSION = 1
 KIND = "safelm-release"
@@ -73,8 +73,15 @@ def read_manifest(release: Path) -> dict[str, Any] | None:
 def check_integrity(release: Path, manifest: dict[str, Any] | None) -> list[str]:
     """Every problem with the bytes of ``release``: extra, missing or changed files."""
     problems: list[str] = []
-    present = {p.name for p in release.iterdir()}
-    odd = sorted(n for n in present if not (release / n).is_file() or (release / n).is_symlink())
+    present, odd_set = set(), set()
+    for p in release.iterdir():
+        inner = [p] if p.name != HF_DIR or p.is_symlink() or not p.is_dir() else list(p.iterdir())
+        for q in inner:
+            name = q.relative_to(release).as_posix()
+            present.add(name)
+            if not q.is_file() or q.is_symlink():
+                odd_set.add(name)
+    odd = sorted(odd_set)
     problems += [f"{n} is not a plain file" for n in odd]
     files = manifest.get("files") if manifest else None
     if not isinstance(files, dict):
@@ -115,7 +122,9 @@ def check_schema(manifest: dict[str, Any] | None, release: Path) -> list[str]:
         problems.append(f"schema_version {manifest['schema_version']!r} / kind "
                         f"{manifest['kind']!r}; this verifier reads {KIND} {SCHEMA_VERSION}")
     problems += [f"files[{n!r}] is not a sha256" for n, h in manifest["files"].items()
-                 if not is_sha256(h) or Path(n).name != n]
+                 if not is_sha256(h)]
+    problems += [f"files[{n!r}] is not a file name of this release (a plain name or "
+                 f"{HF_DIR}/<name>)" for n in manifest["files"] if not listed_name_ok(n)]
     for section, keys in (("privacy", PRIVACY_KEYS), ("data", DATA_KEYS),
                           ("model", MODEL_KEYS)):
         problems += [f"{section}.{k} missing" for k in keys if k not in manifest[section]]
