@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = No
     splits = split_rows(rows, cfg.data, cfg.train.seed)
     if tokenizer is None:
         tokenizer = Tokenizer.train(splits["train"]["text"], cfg.model.vocab_size)
-    cfg.model.vocab_size = tokenizer.vocab_size
+        cfg.model.vocab_size = tokenizer.vocab_size
+    else:  # a given tokenizer (resume, warm start) may be smaller than a padded vocabulary
+        cfg.model.vocab_size = max(cfg.model.vocab_size, tokenizer.vocab_size)
     canaries = None
     if cfg.privacy.canaries:  # after the tokenizer, so it cannot learn them (safelm/canaries.py)
         splits["train"], canaries = insert_canaries(
@@ -91,6 +94,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     out = Path(out)
     ddp = init_from_env()  # under torchrun: join the group; rank 0 alone writes the run dir
     sha = file_sha256(data_path) if Path(data_path).is_file() else None
+    init = None
     if resume:
         cfg = rundir.read_config(out)
         info = json.loads((out / DATA_INFO).read_text())
@@ -103,10 +107,26 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         if ddp.main and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue "
                             "that run or choose a new --out")
-        prep = prepare(data_path, cfg, canary_record=_shared_canary_draw(cfg, ddp))
+        if cfg.train.init_from:  # warm start (safelm/warmstart.py): its tokenizer and weights
+            from .warmstart import apply_init_config
+            init = load_run(cfg.train.init_from, device="cpu")  # checks its checksums
+            apply_init_config(cfg, init.cfg, None)
+        prep = prepare(data_path, cfg, init.tokenizer if init else None,
+                       canary_record=_shared_canary_draw(cfg, ddp))
         cfg.validate()
     torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone
-    model = build_model(cfg.model, cfg.train.task)
+    if not resume and init is not None:
+        from .warmstart import base_model_config, load_init_weights
+        model = build_model(base_model_config(cfg.model), cfg.train.task)
+        load_init_weights(model, init.model, cfg, init.cfg)
+        if cfg.model.lora_rank:
+            from .lora import apply_lora
+            apply_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha,
+                       cfg.model.lora_targets, cfg.train.task)
+    else:
+        model = build_model(cfg.model, cfg.train.task)
+    from .lora import count_trainable
+    trainable, total = count_trainable(model)
     if privacy is None and cfg.privacy.enabled:
         from .privacy import make_privacy  # imported lazily: Opacus start-up is slow
         privacy = make_privacy(cfg, prep)
@@ -120,9 +140,19 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             "blocks": {k: int(e.input_ids.shape[0]) for k, e in prep.encoded.items()}})
         if prep.canaries:  # the secrets the privacy audit looks for (never part of a release)
             rundir.atomic_write_json(out / CANARIES_FILE, prep.canaries)
+        if init is not None:
+            from .warmstart import init_record
+            rundir.atomic_write_json(out / "init.json", init_record(Path(cfg.train.init_from)))
     trainer = Trainer(model, cfg.train, prep.dataset("train"), prep.dataset("val"),
                       run_dir=out if ddp.main else None, privacy=privacy,
                       num_classes=cfg.model.num_classes)
+    if not resume:
+        trainer.log({"kind": "model", "step": 0, "parameters": total,
+                     "trainable_parameters": trainable})
+        if trainable < total and ddp.main:
+            print(f"model: {total:,} parameters, {trainable:,} trainable "
+                  f"(LoRA rank {cfg.model.lora_rank}, {', '.join(cfg.model.lora_targets)})",
+                  file=sys.stderr)
     if resume and not ddp.main:
         trainer.run_dir = out  # every rank restores the same state; only rank 0 writes
         start = trainer.restore(write=False)
@@ -130,6 +160,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         final = trainer.fit(resume_from=start)
     else:
         final = trainer.fit(resume=resume)
+    final["trainable_parameters"] = trainable
     if privacy is not None:
         final.update({"epsilon": privacy.epsilon(), "delta": cfg.privacy.delta})
     test = trainer.evaluate(prep.dataset("test"))
@@ -186,6 +217,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     tok = Tokenizer.load(p / rundir.TOKENIZER)
     model = build_model(cfg.model, cfg.train.task)
     rundir.load_weights(model, p / rundir.WEIGHTS)
+    if cfg.model.lora_rank:  # the run dir keeps the adapters; use the merged weights
+        from .lora import merge_lora
+        merge_lora(model)
     model.to(pick_device(device)).eval()
     return Run(cfg, tok, model, p)
 

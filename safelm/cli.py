@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value, e.g. --set train.epochs=5 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from "
                    "its last checkpoint, with its own config")
+    t.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and "
+                   "tokenizer (a trained or imported run); its model shape is kept")
     _data_options(t)
 
     p = sub.add_parser("predict", help="write the predictions table (CSV) for a data file")
@@ -146,6 +148,25 @@ def _check_resume_options(args: argparse.Namespace, overrides: dict[str, Any]) -
                             "drop the option, or train a new run with another --out")
 
 
+def _apply_init(args: argparse.Namespace, cfg: Any) -> None:
+    """--init-from: the init run's shape keys; a conflicting --set/--config key exits 2."""
+    import tomllib
+
+    from .rundir import read_config
+    from .warmstart import apply_init_config
+    init = Path(args.init_from)
+    if not (init / "config.json").is_file():
+        raise UserError(f"--init-from {init}: not a run dir (no config.json); pass the --out "
+                        "of 'safelm train' or 'safelm import hf'")
+    explicit = {item.split("=", 1)[0].strip() for item in args.set or []}
+    if args.config:
+        text = Path(args.config).read_text(encoding="utf-8")
+        tree = json.loads(text) if args.config.endswith(".json") else tomllib.loads(text)
+        explicit |= {f"{sec}.{k}" for sec, body in tree.items() if isinstance(body, dict)
+                     for k in body}
+    apply_init_config(cfg, read_config(init), explicit)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train_run
     from .config import Config
@@ -155,11 +176,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             _check_resume_options(args, overrides)
         cfg = None
     else:
-        cfg = Config.load(args.config, args.set)
+        cfg = Config.load(args.config, args.set) if not args.init_from else \
+            Config.load(args.config, [*args.set, f"train.init_from={args.init_from}"])
         if args.task:
             cfg.train.task = args.task
         for key, value in overrides.items():
             setattr(cfg.data, key, value)
+        if args.init_from:
+            _apply_init(args, cfg)
         cfg.validate()
     final = train_run(args.data, cfg, args.out, resume=args.resume)
     if final.get("stopped"):

@@ -35,6 +35,10 @@ class ModelConfig:
     num_classes: int = 0  # classification: resolved from the training labels
     activation: str = "gelu"  # MLP: gelu (exact, erf) | gelu_new (tanh approximation, GPT-2)
     ln_eps: float = 1e-5  # LayerNorm epsilon
+    # LoRA (safelm/lora.py): rank r of the adapters (0: off; base weights then train as usual)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["attn"])  # attn and/or mlp
 
 
 @dataclass
@@ -75,6 +79,7 @@ class TrainConfig:
     # examples weigh the same in total) | groups_labels (reweighing: group independent of label)
     reweight: str = "none"
     reweight_cols: list[str] = field(default_factory=list)  # empty: every data.group_cols
+    init_from: str = ""  # warm start: a run dir whose weights and tokenizer this run starts from
 
 
 @dataclass
@@ -186,6 +191,20 @@ class Config:
         m, d, t, p = self.model, self.data, self.train, self.privacy
         _choice("model.arch", m.arch, ("transformer", "lstm"))
         _choice("model.activation", m.activation, ("gelu", "gelu_new"))
+        if m.lora_rank < 0 or (m.lora_rank and not m.lora_alpha > 0):
+            raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0: no LoRA) and "
+                              f"model.lora_alpha={m.lora_alpha} > 0")
+        bad = [t for t in m.lora_targets if t not in ("attn", "mlp")]
+        if m.lora_rank and (bad or not m.lora_targets):
+            raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)} must name attn "
+                              "and/or mlp, e.g. --set model.lora_targets=attn,mlp")
+        if m.lora_rank and m.arch != "transformer":
+            raise ConfigError("model.lora_rank needs model.arch=transformer (adapters go on "
+                              "its attention and MLP projections); set model.lora_rank=0")
+        if m.lora_rank and self.train.init_from == "":
+            raise ConfigError(f"model.lora_rank={m.lora_rank} trains adapters on frozen base "
+                              "weights, which must come from a pretrained run: add "
+                              "--init-from RUN_DIR")
         if not 0.0 < m.ln_eps < 1.0:
             raise ConfigError(f"model.ln_eps={m.ln_eps} must be in (0, 1), e.g. 1e-5")
         _choice("data.format", d.format, ("auto", "csv", "jsonl", "txt"))

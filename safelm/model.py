@@ -168,10 +168,15 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig, task: str) -> nn.Module:
-    """The model named by ``cfg.arch`` for ``task`` (lm | classify)."""
+    """The model named by ``cfg.arch`` for ``task`` (lm | classify), with LoRA adapters
+    (frozen base) when ``cfg.lora_rank`` > 0."""
     if task == "classify" and cfg.num_classes < 2:
         raise ValueError("classification needs model.num_classes >= 2")
-    return (Transformer if cfg.arch == "transformer" else LSTMModel)(cfg, task)
+    model = (Transformer if cfg.arch == "transformer" else LSTMModel)(cfg, task)
+    if cfg.lora_rank:
+        from .lora import apply_lora
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, task)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

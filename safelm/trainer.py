@@ -247,8 +247,9 @@ class Trainer:
         # RNG, which would shift dropout noise after a mid-epoch resume.
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, collate_fn=Batch.collate,
                                  generator=torch.Generator().manual_seed(cfg.seed))
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)

@@ -105,8 +105,10 @@ def test_metrics_and_validation_perplexity_fall(tmp_path, lm_txt):
     assert len(epochs) == 4
     assert epochs[-1]["val_perplexity"] < 0.5 * epochs[0]["val_perplexity"]
     assert final["test_perplexity"] > 1.0
-    assert recs[0]["kind"] == "eval" and recs[0]["step"] == 0  # the starting point
-    assert recs[0]["val_perplexity"] > epochs[0]["val_perplexity"]
+    assert recs[0]["kind"] == "model" and recs[0]["trainable_parameters"] == \
+        recs[0]["parameters"] > 0  # what trains (all of it without LoRA)
+    assert recs[1]["kind"] == "eval" and recs[1]["step"] == 0  # the starting point
+    assert recs[1]["val_perplexity"] > epochs[0]["val_perplexity"]
     assert {"loss", "lr", "step", "epoch"} <= set(next(r for r in recs if r["kind"] == "step"))
 
 
