@@ -69,6 +69,7 @@ def _setup(msg: Message, context: Context
     _, fed = parse_run_config(context.run_config)
     conf = msg.content["config"]
     cfg = task.config_from_json(str(conf["safelm-config"]))
+    task.check_init(cfg, str(conf.get("init-sha256", "")))
     pid = int(context.node_config["partition-id"])
     n = int(context.node_config["num-partitions"])
     threads = task.configure_threads(fed, context.node_config)

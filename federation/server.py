@@ -46,6 +46,7 @@ from safelm import rundir
 from safelm.api import prepare
 from safelm.config import Config
 from safelm.errors import UserError
+from safelm.hashing import file_sha256
 
 from . import fairness, partition, task
 from .ledger import ClientLedger, SampleLedger
@@ -227,7 +228,12 @@ def run_rounds(grid: Grid, store: RunStore, strategy: Strategy,
         counts = fairness.add_counts(dict(m.content["groups"]) for m in ereplies
                                      if not m.has_error() and "groups" in m.content)
         fed_groups = fairness.group_metrics(counts, cfg.train.task)
+        sent = task.array_bytes(arrays) * (len(msgs) + len(emsgs))
+        received = sum(task.array_bytes(m.content["arrays"]) for m in replies
+                       if not m.has_error() and "arrays" in m.content)
         record = {"kind": "round", "round": rnd, "step": rnd, "sampled": len(msgs),
+                  "bytes": {"model_arrays": task.array_bytes(arrays), "sent": sent,
+                            "received": received},
                   "replies": len(train_ok), "failures": len(train_failed) + len(eval_failed),
                   "missing": len(msgs) - len(replies) + len(emsgs) - len(ereplies),
                   "aggregated": aggregated,
@@ -292,6 +298,8 @@ def summary_line(record: dict[str, Any], last: int) -> str:
             parts.append(f"acc gap[{col}] {g['accuracy_difference']:.3f}")
     parts.append(f"{record['replies']}/{record['sampled']} replies, "
                  f"{record['failures']} failures")
+    if "bytes" in record:
+        parts.append(f"{record['bytes']['model_arrays'] / 1e3:.1f} kB per model message")
     if record.get("epsilon") is not None:
         parts.append(f"eps {record['epsilon']:.2f}")
     parts.append(f"{record['seconds']:.1f}s")
@@ -375,6 +383,8 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         arrays = task.get_weights(task.new_model(cfg))
     config = {"safelm-config": cfg.to_json(), "tokenizer": task.tokenizer_to_json(tok),
               "local-epochs": fed.local_epochs, **extra}
+    if cfg.train.init_from:  # every node starts from the same pretrained weights
+        config["init-sha256"] = file_sha256(Path(cfg.train.init_from) / rundir.WEIGHTS)
 
     last_test: dict[str, Any] = {}
 

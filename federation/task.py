@@ -36,14 +36,17 @@ from flwr.app import ArrayRecord
 from tokenizers import Tokenizer as HFTokenizer
 
 from safelm import Tokenizer
-from safelm.api import Run, prepare, score_encoded
+from safelm.api import Run, load_run, prepare, score_encoded
 from safelm.config import Config
 from safelm.corpus import story_corpus, write_sentiment_csv
 from safelm.data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
 from safelm.errors import UserError
+from safelm.hashing import file_sha256
+from safelm.lora import apply_lora
 from safelm.model import build_model
 from safelm.rundir import unwrap
 from safelm.trainer import Trainer, evaluate_model, pick_device
+from safelm.warmstart import apply_init_config, base_model_config, load_init_weights
 
 from . import fairness, partition
 from .settings import FedSettings
@@ -93,7 +96,14 @@ class ServerData:
 def server_data(cfg: Config, fed: FedSettings) -> ServerData:
     """Train the tokenizer on the training split and resolve vocab, labels and classes."""
     path = data_path(fed)
-    prep = prepare(path, cfg)  # trains the tokenizer on the train split, resolves cfg
+    init = None
+    if cfg.train.init_from:  # fine-tuning: the pretrained run's tokenizer and shape
+        init = _init_run(cfg.train.init_from)
+        # The app's [tool.flwr.app.config.model] table always sets the shape keys, so they
+        # cannot tell a user's choice from a default: the pretrained run's shape wins.
+        apply_init_config(cfg, init.cfg, set())
+    # trains the tokenizer on the train split (unless pretrained), resolves cfg
+    prep = prepare(path, cfg, init.tokenizer if init else None)
     cfg.validate()
     pool = pd.concat([prep.splits["train"], prep.splits["val"]], ignore_index=True)
     return ServerData(cfg, prep.tokenizer, prep.splits["test"], prep.encoded["test"], pool)
@@ -172,9 +182,45 @@ def config_from_json(text: str) -> Config:
 
 # ---- weights ------------------------------------------------------------------------------
 def new_model(cfg: Config) -> nn.Module:
-    """The global model's architecture; initial weights depend on train.seed alone."""
+    """The global model's architecture; initial weights depend on train.seed alone, or, with
+    ``train.init_from``, come from that run (every node must see the same run dir: its sha256
+    travels in the round config), with fresh LoRA adapters when ``model.lora_rank`` > 0."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model, cfg.train.task)
+    if not cfg.train.init_from:
+        return build_model(cfg.model, cfg.train.task)
+    model = build_model(base_model_config(cfg.model), cfg.train.task)
+    init = _init_run(cfg.train.init_from)
+    load_init_weights(model, init.model, cfg, init.cfg)
+    if cfg.model.lora_rank:
+        apply_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets,
+                   cfg.train.task)
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def _init_run(path: str) -> Run:
+    """The pretrained run every client starts from (loaded once per process)."""
+    return load_run(path, device="cpu")
+
+
+def check_init(cfg: Config, expected_sha256: str) -> None:
+    """A node's copy of ``train.init_from`` must be the server's (same weights' sha256)."""
+    if not cfg.train.init_from:
+        return
+    have = file_sha256(Path(cfg.train.init_from) / "model.safetensors")
+    if have != expected_sha256:
+        raise UserError(f"train.init_from={cfg.train.init_from}: this node's weights (sha256 "
+                        f"{have[:12]}...) are not the server's ({expected_sha256[:12]}...); give "
+                        "every node the same pretrained run")
+
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """Parameters that do not train (a LoRA run's base): never sent, never aggregated."""
+    return {n for n, p in unwrap(model).named_parameters() if not p.requires_grad}
+
+
+def array_bytes(arrays: ArrayRecord) -> int:
+    return sum(t.numel() * t.element_size() for t in arrays.to_torch_state_dict().values())
 
 
 def _aliases(model: nn.Module) -> set[str]:
@@ -191,16 +237,16 @@ def _aliases(model: nn.Module) -> set[str]:
 def get_weights(model: nn.Module) -> ArrayRecord:
     """Unwrapped weights, each tied tensor once (so clipping and noise count it once)."""
     model = unwrap(model)
-    alias = _aliases(model)
+    skip = _aliases(model) | frozen_names(model)  # LoRA: only adapters (and a head) travel
     sd = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items()
-                     if k not in alias)
+                     if k not in skip)
     return ArrayRecord(torch_state_dict=sd)
 
 
 def set_weights(model: nn.Module, arrays: ArrayRecord) -> None:
     model = unwrap(model)
     missing, unexpected = model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-    if unexpected or set(missing) - _aliases(model):
+    if unexpected or set(missing) - _aliases(model) - frozen_names(model):
         raise UserError(f"global weights do not fit this model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); server and clients disagree on config")
 

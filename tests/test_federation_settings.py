@@ -38,7 +38,7 @@ def test_every_run_config_key_maps_to_config_or_a_documented_federation_key():
     for key in dotted:  # the value landed in the typed config, parsed by the field's type
         section, name = key.split(".")
         got = getattr(getattr(cfg, section), name)
-        want = None if rc[key] == "" else rc[key]  # "" is "unset" for optional fields
+        want = None if rc[key] == "" and got is None else rc[key]  # "": unset (optional)
         assert got == (want.split(",") if isinstance(got, list) else want), key
     assert cfg.train.epochs == fed.local_epochs  # the one federation key that maps into Config
 

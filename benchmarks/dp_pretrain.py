@@ -1,0 +1,134 @@
+"""Pretrain on public text, fine-tune privately: the recipe of Li et al. (ICLR 2022) and Yu et
+al. (ICLR 2022), measured on the bundled corpora.
+
+1. Pretrain a language model on the bundled stories (public, synthetic).
+2. Fine-tune the sentiment classifier (bias-free corpus, split by user) without DP and with DP
+   at each epsilon, three ways: from scratch (its own tokenizer, random weights), full
+   fine-tuning from the pretrained LM (``--init-from``), and LoRA from it (``model.lora_rank``;
+   only the adapters and the head train).
+3. Print test accuracy per way and epsilon, and, per way, the DP step's time and peak resident
+   memory as ratios to the same way without DP (each run in a fresh process, so its peak RSS
+   is its own; time per optimizer step from the run's own epoch timings).
+
+The same classifier shape (the pretrained LM's), data, schedule and seed in every row; the
+noise is calibrated to each target epsilon for the whole schedule (delta 1e-5, PRV).
+
+Usage: python benchmarks/dp_pretrain.py [--quick] [--n 8000] [--epochs 4] [--eps 1,3,8]
+Last line: {"pretrain": {...}, "rows": {"scratch": {"non_private": {...}, "eps_8": {...}},
+            ...}, "ratios": {"lora": {"time": ..., "peak_rss": ...}, ...}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+SHAPE = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.block_size=64",
+         "model.vocab_size=512", "model.dropout=0.0"]
+FINETUNE = ["train.task=classify", "train.batch_size=256", "train.warmup_steps=5",
+            "train.progress=off", "data.user_col=user", "privacy.max_grad_norm=5.0",
+            "train.log_every=1000", "train.checkpoint_every=100000"]
+WAYS = {"scratch": ["train.lr=2e-2"],
+        "full": ["train.lr=5e-3"],
+        "lora": ["train.lr=2e-2", "model.lora_rank=8", "model.lora_alpha=16",
+                 "model.lora_targets=attn,mlp"]}
+
+
+def _child(data: str, settings: list[str], out: str, q: mp.Queue) -> None:
+    import torch
+
+    from safelm import Config, train_run
+    from safelm.rundir import read_metrics
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    final = train_run(data, Config.load(None, settings), out)
+    wall = time.perf_counter() - t0
+    recs = read_metrics(out)
+    epochs = [r for r in recs if r.get("kind") == "epoch"]
+    steps = epochs[-1]["step"] if epochs else 0
+    train_s = sum(r["seconds"] for r in epochs)
+    q.put({"test_accuracy": final.get("test_accuracy"), "epsilon": final.get("epsilon"),
+           "steps": steps, "seconds_per_step": train_s / max(steps, 1), "wall_s": wall,
+           "trainable_parameters": final.get("trainable_parameters"),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run(data: Path, settings: list[str], out: Path) -> dict:
+    """One training run in a fresh process (its own peak RSS)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(str(data), settings, str(out), q))
+    p.start()
+    res = q.get()
+    p.join()
+    if p.exitcode:
+        raise SystemExit(f"run {out} failed (exit {p.exitcode})")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small data, few steps (a smoke run)")
+    ap.add_argument("--n", type=int, default=8000, help="sentiment rows")
+    ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs")
+    ap.add_argument("--pretrain-epochs", type=int, default=3)
+    ap.add_argument("--eps", default="1,3,8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.epochs, args.pretrain_epochs, args.eps = 1200, 1, 1, "8"
+    from safelm.corpus import write_sentiment_csv, write_story_text
+    out = Path(args.out or tempfile.mkdtemp(prefix="dp-pretrain-"))
+    out.mkdir(parents=True, exist_ok=True)
+    stories, sentiment = out / "stories.txt", out / "sentiment.csv"
+    write_story_text(stories, **({"n_stories": 300} if args.quick else {}))
+    write_sentiment_csv(sentiment, n=args.n, bias=0.0)
+    t0 = time.perf_counter()
+    pre = run(stories, SHAPE + ["train.task=lm", f"train.epochs={args.pretrain_epochs}",
+                                "train.progress=off", "train.lr=2e-3"], out / "pretrained")
+    pre_s = time.perf_counter() - t0
+    print(f"pretrained LM on the bundled stories: {pre['steps']} steps, {pre_s:.0f} s",
+          flush=True)
+    eps_list = [float(e) for e in args.eps.split(",")]
+    rows: dict[str, dict] = {}
+    for way, extra in WAYS.items():
+        rows[way] = {}
+        base = SHAPE + FINETUNE + extra + [f"train.epochs={args.epochs}"]
+        if way != "scratch":
+            base = [s for s in base if not s.startswith(("model.n_layer", "model.d_model",
+                                                         "model.n_head", "model.vocab_size"))]
+            base += [f"train.init_from={out / 'pretrained'}"]
+        for eps in [None] + eps_list:
+            name = "non_private" if eps is None else f"eps_{eps:g}"
+            dp = [] if eps is None else ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
+            r = rows[way][name] = run(sentiment, base + dp, out / f"{way}-{name}")
+            print(f"{way:8s} {name:12s} test accuracy {r['test_accuracy']:.3f}  "
+                  f"{r['seconds_per_step'] * 1e3:.0f} ms/step  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                  f"trainable {r['trainable_parameters']:,}", flush=True)
+    ratios = {}
+    for way, by in rows.items():
+        np_, dps = by["non_private"], [v for k, v in by.items() if k != "non_private"]
+        ratios[way] = {
+            "time": round(sum(d["seconds_per_step"] for d in dps) / len(dps)
+                          / np_["seconds_per_step"], 2),
+            "peak_rss": round(sum(d["peak_rss_mb"] for d in dps) / len(dps)
+                              / np_["peak_rss_mb"], 2)}
+    print("\n| way | non-private | " + " | ".join(f"eps {e:g}" for e in eps_list)
+          + " | DP/non-private time per step | DP/non-private peak RSS |")
+    print("| --- " * (4 + len(eps_list)) + "|")
+    for way, by in rows.items():
+        cells = [f"{by[k]['test_accuracy']:.3f}" for k in by]
+        print(f"| {way} | " + " | ".join(cells) + f" | x{ratios[way]['time']} | "
+              f"x{ratios[way]['peak_rss']} |")
+    print(f"\n{args.n} rows, {args.epochs} epochs, batch 256, delta 1e-5, clip 5; runs in {out}")
+    print(json.dumps({"pretrain": {"steps": pre["steps"], "seconds": round(pre_s, 1)},
+                      "rows": rows, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
