@@ -208,7 +208,9 @@ def test_empty_poisson_batches_do_not_crash_and_are_accounted(tmp_path, arch):
     before = [p.detach().clone() for p in model.parameters()]
     for epoch in range(10):
         tr.train_one_epoch(epoch)
-    assert sizes.count(0) >= 5  # empty batches happened
+    # empty batches happened: Binomial(40, 0.75^4 = 0.32) draws (secret, OS-seeded), mean 12.7;
+    # P(fewer than 3) ~ 5e-5, where ">= 5" failed about once in 800 runs
+    assert sizes.count(0) >= 3
     assert dp.steps == len(sizes) == 40  # every step accounted, empty ones too
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
