@@ -127,8 +127,17 @@ def _check_resume_options(args: argparse.Namespace, overrides: dict[str, Any]) -
 
     from .config import Config
     from .rundir import read_config
-    saved, given = read_config(args.out), Config.load(args.config, args.set)
+    sets = [*(args.set or [])]
+    if args.init_from:  # before the rest: model.lora_rank needs train.init_from to validate
+        sets.append(f"train.init_from={args.init_from}")
+    saved, given = read_config(args.out), Config.load(args.config, sets)
     keys: list[tuple[str, str]] = []
+    if args.init_from:
+        if Path(saved.train.init_from or "-").resolve() != Path(args.init_from).resolve():
+            raise UserError(f"--resume: train.init_from is {saved.train.init_from!r} in "
+                            f"{args.out}/config.json but {args.init_from!r} on this command "
+                            "line; a resumed run keeps its config: drop the option, or train "
+                            "a new run with another --out")
     if args.config:
         text = Path(args.config).read_text(encoding="utf-8")
         tree = json.loads(text) if args.config.endswith(".json") else tomllib.loads(text)
@@ -172,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import Config
     overrides = _data_overrides(args)
     if args.resume:
-        if args.config or args.set or overrides or args.task:
+        if args.config or args.set or overrides or args.task or args.init_from:
             _check_resume_options(args, overrides)
         cfg = None
     else:

@@ -192,3 +192,16 @@ def test_lm_to_lm_continues_from_the_weights(lm_run, tmp_path, capsys):
     a, b = load_run(lm_run, device="cpu").model, load_run(tmp_path / "run", device="cpu").model
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert (p - q).abs().max() < 1e-5, n  # one step at lr 1e-9: the same weights
+
+
+def test_resume_repeats_the_lora_command_and_refuses_another_init(lm_run, tmp_path, capsys):
+    data = write_cls_csv(tmp_path / "cls.csv")
+    args = ["train", "--data", data, "--task", "classify", "--out", tmp_path / "run",
+            "--init-from", lm_run, "--set", "model.lora_rank=2", "--set", "train.max_steps=2",
+            "--set", "train.checkpoint_every=1", "--set", "train.progress=off"]
+    assert cli(capsys, *args)[0] == 0
+    rc, _, err = cli(capsys, *args, "--resume")  # the same command again: fine
+    assert rc == 0, err
+    other = [str(tmp_path / "other") if a == lm_run else a for a in args]
+    err = exit2(capsys, *other, "--resume")
+    assert "train.init_from" in err and "a resumed run keeps its config" in err

@@ -141,7 +141,7 @@ def test_release_holds_every_field_and_hashes_recompute(dp_release, dp_run, data
     assert {"hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"} <= set(hf_files)
     m = json.loads((dp_release / "release.json").read_text())
     assert set(KEYS) <= set(m) and m["schema_version"] == 1
-    assert m["huggingface"]["included"] is True
+    assert m["huggingface"]["exported"] is True
     # Every other file's sha256, recomputed independently; release.sha256 covers release.json.
     assert m["files"] == {n: sha(dp_release / n) for n in RELEASED[:6] + hf_files}
     lines = (dp_release / "release.sha256").read_text().splitlines()

@@ -122,19 +122,19 @@ def _hf_copy(src: Path, dst: Path, run: Any) -> tuple[dict[str, str], dict[str, 
     """The transformers copy of the model under ``hf/`` (``safelm export hf``), hashed like
     every other file; skipped, and said so, without transformers or for an LSTM."""
     if run.cfg.model.arch != "transformer":
-        return {}, {"included": False, "reason": "model.arch=lstm has no transformers "
+        return {}, {"exported": False, "reason": "model.arch=lstm has no transformers "
                                                  "equivalent"}
     try:
         import transformers  # noqa: F401
     except ImportError:
-        return {}, {"included": False, "reason": "transformers not installed when released "
+        return {}, {"exported": False, "reason": "transformers not installed when released "
                                                  "(pip install 'safelm[hf]')"}
     from safelm.hf import export_hf
     export_hf(src, dst / HF_DIR)
     hashes = {f"{HF_DIR}/{p.name}": file_sha256(p) for p in sorted((dst / HF_DIR).iterdir())}
     auto = ("AutoModelForCausalLM" if run.cfg.train.task == "lm"
             else "AutoModelForSequenceClassification")
-    return hashes, {"included": True, "dir": HF_DIR, "load": f"transformers.{auto}"
+    return hashes, {"exported": True, "dir": HF_DIR, "load": f"transformers.{auto}"
                     f".from_pretrained('{HF_DIR}'); AutoTokenizer.from_pretrained('{HF_DIR}')",
                     "inputs": "[bos_token_id] + tokenizer(text).input_ids"}
 

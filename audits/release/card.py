@@ -123,7 +123,7 @@ def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
             *_signature(m)]),
     ]
     hf = m.get("huggingface") or {}
-    if hf.get("included"):
+    if hf.get("exported"):
         secs.append(("Loading with Hugging Face transformers", [("p", (
             f"The folder {hf['dir']}/ holds the same model as a transformers checkpoint "
             f"(logits equal to SafeLM's within 1e-4): {hf['load']}. Inputs start with the "
