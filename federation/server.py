@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import Strategy
 from safetensors.numpy import load_file, save_file
 
 from safelm import Tokenizer
-from safelm import rundir
+from safelm import monitor, rundir
 from safelm.api import prepare
 from safelm.config import Config
 from safelm.errors import UserError
@@ -63,6 +63,18 @@ class RunStore:
 
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out).resolve()
+        self.sinks: list[Any] = []  # TensorBoard / MLflow views of metrics.jsonl
+
+    def open_monitors(self, cfg: Config, purge_step: int | None) -> None:
+        """After create/reopen: each logged record also goes to the asked-for views (on
+        resume, the rounds past the last commit are purged from TensorBoard too)."""
+        self.sinks = monitor.open_sinks(self.out, tensorboard=cfg.train.tensorboard,
+                                        mlflow=cfg.train.mlflow, purge_step=purge_step)
+
+    def close_monitors(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def create(self, cfg: Config, tok: Tokenizer, run_config: dict[str, Any]) -> None:
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -92,6 +104,8 @@ class RunStore:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.out / rundir.METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
     def commit(self, rnd: int, cfg: Config, arrays: ArrayRecord, strategy: Strategy,
                ledger: ClientLedger | SampleLedger | None) -> None:
@@ -348,6 +362,7 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         torch.set_num_threads(fed.server_threads)
     store = RunStore(fed.out_dir)
     log.info("SafeLM federated run -> %s", store.out)
+    monitor.check_available(cfg.train.tensorboard, cfg.train.mlflow)  # before any write
     first, state = 1, None
     if fed.resume:
         cfg, tok, state = store.reopen()
@@ -358,6 +373,15 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         data = task.server_data(cfg, fed)
         cfg, tok = data.cfg, data.tokenizer
         store.create(cfg, tok, dict(context.run_config))
+    store.open_monitors(cfg, state["round"] + 1 if state is not None else None)
+    try:
+        return _serve(grid, cfg, fed, tok, data, store, state, first, t0)
+    finally:
+        store.close_monitors()
+
+
+def _serve(grid: Grid, cfg: Config, fed: Any, tok: Tokenizer, data: Any, store: RunStore,
+           state: dict[str, Any] | None, first: int, t0: float) -> dict[str, Any]:
     setup = {"data_s": time.perf_counter() - t0}
     nodes = wait_for_nodes(grid, fed.min_nodes, fed.round_timeout)
     setup["wait_nodes_s"] = time.perf_counter() - t0 - sum(setup.values())

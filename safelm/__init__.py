@@ -37,6 +37,7 @@ PUBLIC_MODULES = {
     "files": ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"],
     "hashing": ["HF_DIR", "META_KIND", "META_SUFFIX", "file_sha256", "listed_name_ok",
                 "meta_path", "read_model_sha256"],
+    "monitor": ["MLFLOW_DB", "TENSORBOARD_DIR", "check_available", "open_sinks", "scalars"],
     "rundir": ["CHECKSUMS", "CONFIG", "METRICS", "PRIVACY", "RELEASE_MANIFEST", "RELEASE_SUMS",
                "RESUME", "TOKENIZER", "WEIGHTS", "atomic_write_json", "atomic_write_text",
                "load_weights", "read_config", "read_metrics", "save_weights", "unwrap",

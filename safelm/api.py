@@ -97,6 +97,9 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     init = None
     if resume:
         cfg = rundir.read_config(out)
+    from .monitor import check_available
+    check_available(cfg.train.tensorboard, cfg.train.mlflow)  # before anything is written
+    if resume:
         info = json.loads((out / DATA_INFO).read_text())
         if sha != info["sha256"]:
             raise UserError(f"{data_path} is not the file this run was trained on (sha256 "
@@ -153,14 +156,23 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             print(f"model: {total:,} parameters, {trainable:,} trainable "
                   f"(LoRA rank {cfg.model.lora_rank}, {', '.join(cfg.model.lora_targets)})",
                   file=sys.stderr)
-    if resume and not ddp.main:
+    try:
+        final = _fit_and_test(trainer, prep, privacy, cfg, out, resume, ddp.main)
+    finally:
+        trainer.close_monitors()
+    final["trainable_parameters"] = trainable
+    return final
+
+
+def _fit_and_test(trainer: Any, prep: Any, privacy: Any, cfg: Config, out: Path,
+                  resume: bool, main: bool) -> dict[str, Any]:
+    if resume and not main:
         trainer.run_dir = out  # every rank restores the same state; only rank 0 writes
         start = trainer.restore(write=False)
         trainer.run_dir = None
         final = trainer.fit(resume_from=start)
     else:
         final = trainer.fit(resume=resume)
-    final["trainable_parameters"] = trainable
     if privacy is not None:
         final.update({"epsilon": privacy.epsilon(), "delta": cfg.privacy.delta})
     test = trainer.evaluate(prep.dataset("test"))

@@ -75,6 +75,11 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: str = "auto"  # auto (bar on a terminal only) | on | off
+    # Live views of metrics.jsonl (safelm/monitor.py): TensorBoard event files in
+    # RUN_DIR/tensorboard/ (pip install 'safelm[monitor]'); a local MLflow store,
+    # RUN_DIR/mlflow.db (pip install 'safelm[mlflow]')
+    tensorboard: bool = False
+    mlflow: bool = False
     # In-training fairness mitigation (safelm/reweighting.py): none | groups (each group's
     # examples weigh the same in total) | groups_labels (reweighing: group independent of label)
     reweight: str = "none"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from . import rundir
+from . import monitor, rundir
 from .config import TrainConfig
 from .data import Batch
 from .distributed import current
@@ -269,6 +269,10 @@ class Trainer:
         self.stop_reason: str | None = None
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
+        # TensorBoard / MLflow views of metrics.jsonl: opened by the first log(), closed by
+        # close_monitors(); after restore() they purge what was logged past the checkpoint
+        self.sinks: list[monitor.Sink] | None = None
+        self._purge_step: int | None = None
 
     # ---- the loop -------------------------------------------------------------------------
     def _to_device(self, batch: Batch) -> Batch:
@@ -340,6 +344,17 @@ class Trainer:
         if self.run_dir is not None:
             with open(self.run_dir / rundir.METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.sinks is None:
+                self.sinks = monitor.open_sinks(self.run_dir, tensorboard=self.cfg.tensorboard,
+                                                mlflow=self.cfg.mlflow,
+                                                purge_step=self._purge_step)
+            for sink in self.sinks:
+                sink.write(record)
+
+    def close_monitors(self) -> None:
+        for sink in self.sinks or []:
+            sink.close()
+        self.sinks = None
 
     def _on_step(self, trainer: Trainer) -> None:
         cfg = self.cfg
@@ -365,7 +380,9 @@ class Trainer:
             start = 0
             val = {f"val_{k}": v for k, v in self.evaluate().items()}
             final = {"epoch": epoch + 1, "step": self.global_step, **stats, **val}
-            self.log({"kind": "epoch", **final})
+            ledger = self.privacy.ledger()
+            spent = {"epsilon": ledger["epsilon"]} if ledger and ledger.get("epsilon") else {}
+            self.log({"kind": "epoch", **final, **spent})  # epsilon so far, for DP runs
             epoch += 1
             self.epoch, self.step_in_epoch = epoch, 0
             self.checkpoint()
@@ -418,6 +435,7 @@ class Trainer:
         if "privacy_rng" in tensors:
             self.privacy.load_rng_state(tensors["privacy_rng"])
         self.global_step = state["global_step"]
+        self._purge_step = self.global_step + 1
         if not write:
             return state["epoch"], state["step_in_epoch"]
         kept = [r for r in rundir.read_metrics(self.run_dir) if r.get("step", 0) <= self.global_step]

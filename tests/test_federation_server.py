@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safelm import rundir
 from safelm.api import load_run, predictions_table
 from safelm.cli import main as safelm_main
 from safelm.errors import UserError
+from test_monitor import jsonl_curves, read_events, same_curves
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=4", "corpus-size=600",
@@ -72,8 +74,9 @@ def test_resume_continues_exactly(tmp_path):
     extra = ['strategy="fedadam"', "server-lr=0.02", "fraction-train=0.67"]
     a, b = tmp_path / "a", tmp_path / "b"
     run_local(rc(a, "num-server-rounds=3", *extra), 3)
-    run_local(rc(b, "num-server-rounds=2", *extra), 3)
-    run_local(rc(b, "num-server-rounds=3", "resume=true", *extra), 3)
+    tb = ["train.tensorboard=true"]  # the server's views follow the same resume
+    run_local(rc(b, "num-server-rounds=2", *extra, *tb), 3)
+    run_local(rc(b, "num-server-rounds=3", "resume=true", *extra, *tb), 3)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -82,6 +85,10 @@ def test_resume_continues_exactly(tmp_path):
     assert [c["partition-id"] for c in ra[2]["clients"]] == [
         c["partition-id"] for c in rb[2]["clients"]]
     assert ra[2]["test"] == rb[2]["test"]
+    if importlib.util.find_spec("tensorboard"):
+        events = read_events(b)
+        same_curves(events, jsonl_curves(b))
+        assert [s for s, _ in events["round/test.test_accuracy"]] == [1, 2, 3]
 
 
 def test_failing_and_vanishing_clients_do_not_stop_the_federation(tmp_path):
