@@ -212,7 +212,7 @@ def embedding_audit(out: str | Path | None, *, vectors: str | Path | None = None
             "ci": "word-bootstrap percentile interval of the effect size: words resampled "
                   "with replacement within each of X, Y, A, B; it reflects the choice of "
                   "words, not the randomness of training the embedding"},
-        "summary": summary_lines(results),
+        "summary": summary_lines(results) + word_notes(results),
         "inputs": {"model_sha256": source.get("model_sha256"),
                    "vectors_sha256": source.get("vectors_sha256"),
                    "tests_sha256": sha256_file(tests) if tests else None},
@@ -221,6 +221,18 @@ def embedding_audit(out: str | Path | None, *, vectors: str | Path | None = None
         from .report import write_report
         report["_paths"] = write_report(report, out)
     return report
+
+
+def word_notes(results: list[dict[str, Any]]) -> list[str]:
+    """One line on words that are averages of sub-word tokens (runs) or matched in lower
+    case (vector files), counted over distinct words."""
+    out = []
+    for key, what in (("split_words", "split into several tokens: their vectors are means of "
+                       "sub-word pieces"), ("lowercased", "found only in lower case")):
+        words = {w for r in results for v in r.get(key, {}).values() for w in v}
+        if words:
+            out.append(f"note: {len(words)} distinct word(s) {what}")
+    return out
 
 
 def summary_lines(results: list[dict[str, Any]]) -> list[str]:

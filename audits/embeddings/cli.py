@@ -29,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .audit import EmbeddingSettings, embedding_audit
-    from .report import method_text
+    from .report import short_method
     report = embedding_audit(args.out, vectors=args.vectors, run=args.run, tests=args.tests,
                              settings=EmbeddingSettings(
                                  permutations=args.permutations, bootstrap=args.bootstrap,
                                  confidence=args.confidence, seed=args.seed))
     for s in report["summary"]:
         print(s)
-    print(method_text(report))
+    print(short_method(report))
     print(f"report: {report['_paths']['html']}")
     return 0

@@ -45,6 +45,13 @@ def method_text(report: dict[str, Any]) -> str:
             "say how the embedding will behave in a downstream system.")
 
 
+def short_method(report: dict[str, Any]) -> str:
+    st = report["settings"]
+    return (f"d > 0: X closer to A than Y is. p: one-sided permutation test (target words "
+            f"exchangeable under the null); interval: {int(st['confidence'] * 100)}% "
+            f"word-bootstrap percentile ({st['bootstrap']} replicates); seed {st['seed']}.")
+
+
 def _source(report: dict[str, Any]) -> str:
     e = report["embeddings"]
     what = (f"run {e['path']} ({e['word_vector']})" if e["kind"] == "run"
