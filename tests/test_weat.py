@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from audits.embeddings.audit import load_tests
-from audits.embeddings.weat import associations, effect_size, weat
+from audits.embeddings.weat import associations, effect_size, holm, weat
 from safelm.cli import main
 from safelm.errors import UserError
 from safelm.vectors import detect_format, read_vectors
@@ -75,6 +75,12 @@ def test_effect_size_and_exact_p_match_a_hand_computation():
               exact_limit=0, rng=np.random.default_rng(1))
     assert rr["permutation"]["method"] == "random"
     assert rr["p_value"] == pytest.approx(p, abs=0.01) and rr["p_value"] >= 1 / 20_001
+
+
+def test_holm_adjustment():
+    # m = 3: sorted 0.01, 0.02, 0.04 -> 0.03, 0.04, 0.04 (monotone), capped at 1
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 def _planted(rng, n=8, dim=20, signal=1.0, noise=1.0):
@@ -279,6 +285,7 @@ def test_default_tests_are_the_papers_ten():
 
 @pytest.mark.slow
 def test_audit_on_a_tiny_run(tmp_path, capsys, one_thread):
+    import torch
     from conftest import TINY, write_lm_txt
     from safelm import Config, load_run, model_sha256, train_run
     cfg = Config.load(None, TINY + ["train.epochs=1", "train.device=cpu"])
@@ -303,6 +310,29 @@ def test_audit_on_a_tiny_run(tmp_path, capsys, one_thread):
         rel=1e-5)
     assert t["n"] == {"X": 2, "Y": 2, "A": 2, "B": 2} and t["permutation"]["partitions"] == 6
     assert rep["embeddings"]["kind"] == "run"
+    assert t["p_value_holm"] == t["p_value"]  # one test: nothing to adjust
+
+    # SEAT-style contextual vectors, checked against the model's layers run by hand
+    from audits.embeddings.contextual import TEMPLATES
+    rc, _, _ = cli(capsys, "audit", "embeddings", "--run", tmp_path / "run", "--tests",
+                   tmp_path / "t.json", "--out", out, "--bootstrap", "0", "--contextual")
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["embeddings"]["contextual"] and rep["tests"][0]["ci"] is None
+    mdl, tok = run.model, run.tokenizer
+
+    def hidden(text):
+        ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
+        x = mdl.tok_emb(ids) + mdl.pos_emb(torch.arange(ids.shape[1])[None])
+        for block in mdl.blocks:
+            x = block(x)
+        return mdl.ln_f(x)[0, 1:].double().mean(0).numpy()
+    with torch.no_grad():
+        cvec = {w: np.mean([hidden(t.format(w=w)) for t in TEMPLATES], axis=0) for w in vec}
+    m = lambda ws: np.array([cvec[w] for w in ws])  # noqa: E731
+    assert rep["tests"][0]["effect_size"] == pytest.approx(effect_size(
+        m(["cat", "dog"]), m(["bread", "soup"]), m(["mat", "park"]), m(["warm", "sun"])),
+        rel=1e-5)
 
 
 # ---- (7) bad command lines -------------------------------------------------------------------
@@ -335,6 +365,13 @@ def test_exactly_one_source(tmp_path, capsys, which):
     args = [] if which == "neither" else ["--vectors", vec, "--run", tmp_path]
     rc, _, err = cli(capsys, "audit", "embeddings", *args, "--out", tmp_path / "o")
     assert_one_line_error(rc, err, "exactly one of --vectors", "--run")
+
+
+def test_contextual_needs_a_run(tmp_path, capsys):
+    vec = write_text(tmp_path / "v.txt", False)
+    rc, _, err = cli(capsys, "audit", "embeddings", "--vectors", vec, "--contextual", "--out",
+                     tmp_path / "o")
+    assert_one_line_error(rc, err, "--contextual needs --run")
 
 
 @pytest.mark.parametrize("opt, value", [("--confidence", "1.5"), ("--permutations", "0"),

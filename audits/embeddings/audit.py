@@ -20,7 +20,7 @@ import numpy as np
 from safelm.errors import UserError
 
 from ..common import sha256_file, versions
-from .weat import weat
+from .weat import holm, weat
 
 DEFAULT_TESTS = Path(__file__).with_name("weat_default.json")
 SETS = ("X", "Y", "A", "B")
@@ -34,6 +34,7 @@ class EmbeddingSettings:
     confidence: float = 0.95
     seed: int = 0
     exact_limit: int = 100_000
+    contextual: bool = False  # --run only: SEAT-style template sentences (contextual.py)
 
     def check(self) -> None:
         if not 0 < self.confidence < 1:
@@ -124,10 +125,13 @@ def file_lookup(path: str | Path) -> tuple[Lookup, dict[str, Any]]:
     return look, source
 
 
-def run_lookup(run_dir: str | Path) -> tuple[Lookup, dict[str, Any]]:
-    """Mean of the word's token rows of the run's input embedding (``tok_emb.weight``)."""
+def run_lookup(run_dir: str | Path, contextual: bool = False) -> tuple[Lookup, dict[str, Any]]:
+    """Mean of the word's token rows of the run's input embedding (``tok_emb.weight``), or
+    with ``contextual`` the mean over template sentences of their mean last hidden state."""
     from safelm.api import load_run, model_sha256
     run = load_run(run_dir, device="cpu")
+    if contextual:
+        return _contextual_lookup(run, model_sha256(run))
     emb = getattr(run.model, "tok_emb", None)
     if emb is None:
         raise UserError(f"--run {run_dir}: the model has no input embedding (tok_emb)")
@@ -143,6 +147,22 @@ def run_lookup(run_dir: str | Path) -> tuple[Lookup, dict[str, Any]]:
               "dim": int(E.shape[1]), "word_vector": "mean of the word's token embeddings "
               "(tok_emb.weight), encoded with a leading space"}
     return look, source | {"model_sha256": model_sha256(run)}
+
+
+def _contextual_lookup(run: Any, sha: str | None) -> tuple[Lookup, dict[str, Any]]:
+    from .contextual import TEMPLATES, contextual_vector, sentence_encoder
+    encode, cache = sentence_encoder(run), {}
+
+    def look(word: str) -> tuple[np.ndarray | None, dict[str, Any]]:
+        if word not in cache:
+            cache[word] = contextual_vector(encode, word)
+        return cache[word], {}
+    return look, {"kind": "run", "path": str(run.path), "words": run.tokenizer.vocab_size,
+                  "dim": int(run.cfg.model.d_model), "contextual": True,
+                  "templates": list(TEMPLATES),
+                  "word_vector": "SEAT-style: mean over the templates of each sentence's mean "
+                                 "last hidden state (after ln_f, <bos> excluded)",
+                  "model_sha256": sha}
 
 
 # ---- the audit --------------------------------------------------------------------------------
@@ -197,10 +217,17 @@ def embedding_audit(out: str | Path | None, *, vectors: str | Path | None = None
     if (vectors is None) == (run is None):
         raise UserError("give exactly one of --vectors FILE (word2vec or GloVe) and --run "
                         "RUN_DIR (a SafeLM run's input embeddings)")
+    if st.contextual and run is None:
+        raise UserError("--contextual needs --run RUN_DIR (a word-vector file has no "
+                        "sentences to encode); drop --contextual or give --run")
     test_source, test_list = load_tests(tests)  # before the (slow) vectors: fail fast
-    look, source = file_lookup(vectors) if vectors is not None else run_lookup(run)
+    look, source = (file_lookup(vectors) if vectors is not None
+                    else run_lookup(run, st.contextual))
     rng = np.random.default_rng(st.seed)
     results = [run_test(t, look, st, rng) for t in test_list]
+    done = [r for r in results if not r.get("skipped")]
+    for r, ph in zip(done, holm([r["p_value"] for r in done])):
+        r["p_value_holm"] = ph
     report: dict[str, Any] = {
         "kind": "embeddings", "method": "WEAT (Caliskan, Bryson and Narayanan, Science 2017)",
         "embeddings": source, "tests_source": test_source, "tests": results,
@@ -211,7 +238,9 @@ def embedding_audit(out: str | Path | None, *, vectors: str | Path | None = None
                        "exchangeable under the null of no differential association",
             "ci": "word-bootstrap percentile interval of the effect size: words resampled "
                   "with replacement within each of X, Y, A, B; it reflects the choice of "
-                  "words, not the randomness of training the embedding"},
+                  "words, not the randomness of training the embedding",
+            "multiplicity": "p_value is per test; p_value_holm is Holm-adjusted over the "
+                            "report's tests that ran (family-wise error)"},
         "summary": summary_lines(results) + word_notes(results),
         "inputs": {"model_sha256": source.get("model_sha256"),
                    "vectors_sha256": source.get("vectors_sha256"),
@@ -241,10 +270,9 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
         if r.get("skipped"):
             out.append(f"{r['name']}: skipped, {r['skipped']}")
             continue
-        tn, an = r["target_names"], r["attribute_names"]
-        ci = r["ci"]
+        ci, n = r["ci"], r["n"]
         out.append(f"{r['name']}: d = {r['effect_size']:+.2f}"
                    + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
-                   + f", p = {r['p_value']:.3g} ({tn[0]} vs {tn[1]} with {an[0]} vs {an[1]}; "
-                   f"n = {r['n']['X']}/{r['n']['Y']}/{r['n']['A']}/{r['n']['B']})")
+                   + f", p = {r['p_value']:.3g} (Holm {r['p_value_holm']:.3g}), "
+                   f"n = {n['X']}/{n['Y']}/{n['A']}/{n['B']}")
     return out

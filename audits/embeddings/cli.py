@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap replicates for the interval (default 1000; 0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
+    p.add_argument("--contextual", action="store_true", help="with --run: SEAT-style "
+                   "contextual vectors (each word in template sentences such as 'This is "
+                   "WORD.', mean of the last hidden states) instead of the input embedding")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations and the "
                    "bootstrap (recorded; nothing here is secret)")
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     report = embedding_audit(args.out, vectors=args.vectors, run=args.run, tests=args.tests,
                              settings=EmbeddingSettings(
                                  permutations=args.permutations, bootstrap=args.bootstrap,
-                                 confidence=args.confidence, seed=args.seed))
+                                 confidence=args.confidence, seed=args.seed,
+                                 contextual=args.contextual))
     for s in report["summary"]:
         print(s)
     print(short_method(report))

@@ -10,7 +10,7 @@ from .. import common
 from ..reporting import esc, fmt, fmt_ci, md_table, page, table
 
 HEAD = ["test", "targets X / Y", "attributes A / B", "effect size d", "interval", "p-value",
-        "n X/Y/A/B", "missing"]
+        "Holm p", "n X/Y/A/B", "missing"]
 
 
 def _missing(r: dict[str, Any]) -> str:
@@ -26,10 +26,12 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
         counts = f"{n['X']}/{n['Y']}/{n['A']}/{n['B']}"
         tn, an = " / ".join(r["target_names"]), " / ".join(r["attribute_names"])
         if r.get("skipped"):
-            rows.append([r["name"], tn, an, "skipped", r["skipped"], "", counts, _missing(r)])
+            rows.append([r["name"], tn, an, "skipped", r["skipped"], "", "", counts,
+                         _missing(r)])
         else:
             rows.append([r["name"], tn, an, fmt(r["effect_size"], 2), fmt_ci(r["ci"]),
-                         f"{r['p_value']:.3g}", counts, _missing(r)])
+                         f"{r['p_value']:.3g}", f"{r['p_value_holm']:.3g}", counts,
+                         _missing(r)])
     return rows
 
 
@@ -39,7 +41,7 @@ def method_text(report: dict[str, Any]) -> str:
             f"rather than B, over the sample standard deviation (ddof=1) of the association "
             f"across X u Y. p-value: {a['p_value']}; exact over all partitions when there are "
             f"at most {st['exact_limit']:,}, else {st['permutations']:,} random partitions with "
-            f"the +1 correction. Interval ({int(st['confidence'] * 100)}%, {st['bootstrap']} "
+            f"the +1 correction; {a['multiplicity']}. Interval ({int(st['confidence'] * 100)}%, {st['bootstrap']} "
             f"replicates): {a['ci']}. Seed {st['seed']}. d > 0: X is closer to A (and Y to B). "
             "A small p-value says the association is unlikely under that null; it does not "
             "say how the embedding will behave in a downstream system.")
@@ -49,7 +51,8 @@ def short_method(report: dict[str, Any]) -> str:
     st = report["settings"]
     return (f"d > 0: X closer to A than Y is. p: one-sided permutation test (target words "
             f"exchangeable under the null); interval: {int(st['confidence'] * 100)}% "
-            f"word-bootstrap percentile ({st['bootstrap']} replicates); seed {st['seed']}.")
+            f"word-bootstrap percentile ({st['bootstrap']} replicates); Holm: adjusted over "
+            f"the tests above; seed {st['seed']}.")
 
 
 def _source(report: dict[str, Any]) -> str:

@@ -120,3 +120,14 @@ def weat(X: np.ndarray, Y: np.ndarray, A: np.ndarray, B: np.ndarray, *, n_perm: 
                             "total_partitions": n_partitions(nx, len(Y))},
             "bootstrap_undefined": undefined,
             "statistic": float(s[:nx].sum() - s[nx:].sum())}
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error over the report's tests)."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
