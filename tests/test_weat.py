@@ -270,6 +270,12 @@ def test_audit_on_a_vector_file_writes_the_report(tmp_path, capsys):
     assert rep["inputs"]["vectors_sha256"] and rep["embeddings"]["format"] == "word2vec-text"
     assert "Embedding association" in (out / "report.html").read_text()
     assert "| planted |" in (out / "report.md").read_text()
+    # one random stream per test: the planted test alone gives the same interval
+    from audits.embeddings.audit import EmbeddingSettings, embedding_audit
+    (tmp_path / "one.json").write_text(json.dumps(tests[:1]))
+    alone = embedding_audit(None, vectors=vec, tests=tmp_path / "one.json",
+                            settings=EmbeddingSettings(bootstrap=200, seed=7))
+    assert alone["tests"][0]["ci"] == pytest.approx(planted["ci"])
 
 
 def test_default_tests_are_the_papers_ten():
