@@ -41,8 +41,8 @@ def method_text(report: dict[str, Any]) -> str:
             f"rather than B, over the sample standard deviation (ddof=1) of the association "
             f"across X u Y. p-value: {a['p_value']}; exact over all partitions when there are "
             f"at most {st['exact_limit']:,}, else {st['permutations']:,} random partitions with "
-            f"the +1 correction; {a['multiplicity']}. Interval ({int(st['confidence'] * 100)}%, {st['bootstrap']} "
-            f"replicates): {a['ci']}. Seed {st['seed']}. d > 0: X is closer to A (and Y to B). "
+            f"the +1 correction; {a['multiplicity']}. Interval "
+            f"({int(st['confidence'] * 100)}%, {st['bootstrap']} replicates): {a['ci']}. Seed {st['seed']}. d > 0: X is closer to A (and Y to B). "
             "A small p-value says the association is unlikely under that null; it does not "
             "say how the embedding will behave in a downstream system.")
 
