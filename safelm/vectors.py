@@ -148,13 +148,16 @@ def _read_binary(path: Path, data: bytes, pos: int, count: int, dim: int
         sp = data.find(b" ", pos)
         if pos >= len(data) or sp < 0:
             raise UserError(f"vectors {path}: truncated binary file: the header says {count} "
-                            f"words but it ends at row {row + 1}; the file was cut short "
-                            "(copy or export it again, or fix the header's count)")
+                            f"words of {dim} values but it ends at row {row + 1}: cut short "
+                            "(copy or export it again) or, if it is complete, the header's "
+                            "count or dimension is wrong (fix the header)")
         word = data[pos:sp].decode("utf-8", errors="replace")
         if sp + 1 + width > len(data):
             raise UserError(f"vectors {path}: truncated binary file at row {row + 1} "
                             f"({word!r}): {dim} float32 values need {width} bytes, "
-                            f"{len(data) - sp - 1} left; copy or export it again")
+                            f"{len(data) - sp - 1} left: cut short (copy or export it "
+                            "again) or, if it is complete, the header's count or dimension "
+                            "is wrong (fix the header)")
         vec = np.frombuffer(data, dtype="<f4", count=dim, offset=sp + 1)
         if not np.isfinite(vec).all():
             raise UserError(f"vectors {path}: row {row + 1} ({word!r}) has a NaN or infinite "

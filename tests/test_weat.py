@@ -207,6 +207,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
     trunc = write_binary(tmp / "trunc.bin")
     trunc.write_bytes(trunc.read_bytes()[:-7])
     extra = write_binary(tmp / "extra.bin", header="5 4")
+    wide = write_binary(tmp / "wide.bin", header="6 5")
     empty = tmp / "empty.txt"
     empty.write_text("")
     return {"missing": (tmp / "nope.txt", ("nope.txt", "cannot read")),
@@ -217,11 +218,12 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
             "header-dim": (dim, ("dim.txt line 2", "4 values", "header says 5")),
             "not-a-number": (nan, ("word.txt line 2", "'x'")),
             "truncated": (trunc, ("trunc.bin", "truncated", "row 6")),
-            "header-disagrees": (extra, ("extra.bin", "disagrees", "fix the header"))}
+            "header-disagrees": (extra, ("extra.bin", "disagrees", "fix the header")),
+            "binary-header-dim": (wide, ("wide.bin", "6 words of 5 values", "dimension"))}
 
 
 BAD = ["missing", "directory", "empty", "ragged", "header-count", "header-dim", "not-a-number",
-       "truncated", "header-disagrees"]
+       "truncated", "header-disagrees", "binary-header-dim"]
 
 
 @pytest.mark.parametrize("case", BAD)
