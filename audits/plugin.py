@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from safelm.errors import UserError
 
+from .embeddings import cli as embeddings_cli
 from .fairness import cli as fairness_cli
 from .lm_bias import cli as lm_bias_cli
 from .privacy import cli as privacy_cli
@@ -40,14 +41,16 @@ AUDITS: list[Audit] = [
     Audit("privacy", "privacy audit of a run: the one-run canary bound on epsilon vs the "
           "claim (--one-run); descriptive membership inference", privacy_cli.add_arguments,
           privacy_cli.run),
+    Audit("embeddings", "embedding association test (WEAT) of a word-vector file or a run's "
+          "input embeddings", embeddings_cli.add_arguments, embeddings_cli.run),
 ]
 
 
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`, and ``safelm release``
     / ``safelm verify`` (audits/release)."""
-    p = subparsers.add_parser("audit",
-                              help="audit predictions or a run (fairness, LM bias, privacy)",
+    p = subparsers.add_parser("audit", help="audit predictions or a run (fairness, LM bias, "
+                              "privacy, embeddings)",
                               description="Audits: " + ", ".join(a.name for a in AUDITS))
     sub = p.add_subparsers(dest="audit_kind", metavar="AUDIT", parser_class=type(p))
     for a in AUDITS:

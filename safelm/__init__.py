@@ -42,6 +42,7 @@ PUBLIC_MODULES = {
                "RESUME", "TOKENIZER", "WEIGHTS", "atomic_write_json", "atomic_write_text",
                "load_weights", "read_config", "read_metrics", "save_weights", "unwrap",
                "verify_checksums", "write_checksums"],
+    "vectors": ["FORMATS", "detect_format", "read_vectors"],
 }
 
 __version__ = "0.1.0"
