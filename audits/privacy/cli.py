@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from .audit import PrivacySettings, privacy_audit
     overrides = {k: getattr(args, k) for k in ("text_col", "label_col", "id_col")
                  if getattr(args, k) is not None}
+    if args.text_col is not None:  # one named text column replaces the run's data.text_cols
+        overrides["text_cols"] = []
     settings = PrivacySettings(reference_models=args.reference_models,
                                reference_settings=args.reference_set,
                                confidence=args.confidence, n_boot=args.n_boot,
