@@ -123,6 +123,11 @@ def test_text_col_and_text_cols_conflict(capsys, tmp_path):
         rc, _, err = _cli(capsys, *cmd, "--text-col", "job", "--text-cols", "age,job")
         _one_error_line(rc, err, "--text-col", "--text-cols")
     assert sorted(tmp_path.iterdir()) == [data]
+    rc, _, err = _cli(capsys, "audit", "privacy", tmp_path / "run", "--members", data,
+                      "--non-members", data, "--out", tmp_path / "aud", "--text-col", "job",
+                      "--text-cols", "age,job")
+    _one_error_line(rc, err, "--text-col", "--text-cols")
+    assert sorted(tmp_path.iterdir()) == [data]
 
 
 def test_missing_column_names_it_and_writes_nothing(capsys, tmp_path):
