@@ -231,3 +231,16 @@ def test_sensitive_column_in_text_or_only_as_audit_group(capsys, tmp_path):
     # in the text: the model uses it (female clerks are "yes" only through sex)
     assert changed["with"] > 0.3, changed  # measured 0.51 (half the rows are clerks)
     assert acc["with"] > acc["without"], acc  # measured 1.0 vs 0.675 (at most 0.75)
+
+
+@pytest.mark.slow
+def test_release_card_names_the_text_columns(capsys, tab_run):
+    d, _ = tab_run
+    rc, _, err = _cli(capsys, "release", d / "run", "--out", d / "rel")
+    assert rc == 0, err
+    card = (d / "rel" / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert ("model input: the columns job, age as 'column: value | ...' text (in this order)"
+            in card)
+    rel = json.loads((d / "rel" / "release.json").read_text(encoding="utf-8"))
+    assert rel["data"]["columns"]["text_cols"] == ["job", "age"]
+    assert rel["data"]["columns"]["groups"] == ["sex"]
