@@ -29,7 +29,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data columns")
-    g.add_argument("--text-col", help="column with the text (default: text)")
+    text = g.add_mutually_exclusive_group()
+    text.add_argument("--text-col", help="column with the text (default: text)")
+    text.add_argument("--text-cols", metavar="A,B,...", help="tabular rows: build each text as "
+                      "'A: value | B: value' from these columns, in this order (predict: "
+                      "default the run's)")
     g.add_argument("--label-col", help="column with the class label (default: label)")
     g.add_argument("--user-col", help="column naming the user/author; enables user-level "
                    "splits (default: none)")
@@ -43,6 +47,15 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
                      ("user_col", "user_col")):
         if getattr(args, opt, None) is not None:
             out[key] = getattr(args, opt)
+    if getattr(args, "text_col", None) is not None:
+        out["text_cols"] = []  # an explicit single text column replaces a config's text_cols
+    if getattr(args, "text_cols", None) is not None:
+        out["text_cols"] = [c.strip() for c in args.text_cols.split(",") if c.strip()]
+        if not out["text_cols"]:
+            raise UserError("--text-cols is empty; list the columns, e.g. --text-cols age,job")
+        dup = sorted({c for c in out["text_cols"] if out["text_cols"].count(c) > 1})
+        if dup:
+            raise UserError(f"--text-cols names {dup[0]!r} twice; list each column once")
     if getattr(args, "group_cols", None) is not None:
         out["group_cols"] = [c.strip() for c in args.group_cols.split(",") if c.strip()]
     return out

@@ -45,6 +45,9 @@ class ModelConfig:
 class DataConfig:
     format: str = "auto"  # auto | csv | jsonl | txt (auto: from the file extension)
     text_col: str = "text"
+    # Tabular rows as text: non-empty builds each row's text as "a: v | b: v" from these
+    # columns, in this order (safelm/tabular.py), and data.text_col is not read
+    text_cols: list[str] = field(default_factory=list)
     label_col: str = "label"
     user_col: str = ""  # empty: no users; set it to split by user (and for user-level DP)
     group_cols: list[str] = field(default_factory=list)  # demographic columns carried to predictions
@@ -215,6 +218,12 @@ class Config:
         _choice("data.format", d.format, ("auto", "csv", "jsonl", "txt"))
         _choice("data.text_mode", d.text_mode, ("auto", "lines", "running"))
         _choice("data.empty_group", d.empty_group, ("unknown", "error"))
+        if any(not c.strip() for c in d.text_cols):
+            raise ConfigError("data.text_cols has an empty column name; list the columns, "
+                              "e.g. --text-cols age,job,income")
+        dup = sorted({c for c in d.text_cols if d.text_cols.count(c) > 1})
+        if dup:
+            raise ConfigError(f"data.text_cols names {dup[0]!r} twice; list each column once")
         _choice("train.task", t.task, ("lm", "classify"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("train.progress", t.progress, ("auto", "on", "off"))

@@ -10,6 +10,9 @@ Decisions (documented in the README):
   so no row silently leaves the audit; ``data.empty_group=error`` refuses them instead.
 * Plain text: ``data.text_mode=auto`` reads a file with blank lines as running text (one example
   per blank-line-separated paragraph) and otherwise one example per line.
+* Tabular rows: ``data.text_cols`` builds each row's text as ``a: v | b: v`` from those
+  columns, in the order given (``safelm/tabular.py`` has the exact rules); group columns are
+  read separately, so a sensitive column can be audited whether or not it is in the text.
 * The split is a seeded permutation of examples, or of users when ``data.user_col`` is set, so
   that no user is in two splits; a ``split`` column (train/val/test) overrides it.
 """
@@ -30,6 +33,7 @@ from torch.utils.data import Dataset
 
 from .config import DataConfig
 from .errors import DataError, MissingColumn
+from .tabular import table_texts
 
 SPLITS = ("train", "val", "test")
 UNKNOWN_GROUP = "unknown"
@@ -131,14 +135,30 @@ def _as_str(series: pd.Series) -> pd.Series:
                       else str(v)).astype(str)
 
 
+def _row_texts(df: pd.DataFrame, cfg: DataConfig, path: Path, task: str) -> pd.Series:
+    """Each row's text: the ``text_col`` cell, or ``data.text_cols`` rendered as one string."""
+    if not cfg.text_cols:
+        _require(df, cfg.text_col, path, "--text-col")
+        return _as_str(df[cfg.text_col])
+    columns = [str(c) for c in df.columns]
+    for col in cfg.text_cols:
+        if col not in columns:
+            raise MissingColumn(f"--text-cols names column {col!r}, which {path} lacks; its "
+                                f"columns are: {', '.join(columns)}", col)
+    if task == "classify" and cfg.label_col in cfg.text_cols:
+        raise DataError(f"--text-cols includes the label column {cfg.label_col!r}; the model "
+                        "would read the answer from its input: leave it out of --text-cols")
+    return table_texts(df, list(cfg.text_cols)).astype(str)
+
+
 def load_rows(path: str | Path, cfg: DataConfig, task: str) -> pd.DataFrame:
     """Read a file into normalized rows: example_id, text, [label], [user], [split], groups."""
     p = Path(path)
     df = read_table(p, cfg)
-    _require(df, cfg.text_col, p, "--text-col")
+    text = _row_texts(df, cfg, p, task)
     out = pd.DataFrame({"example_id": (_as_str(df[cfg.id_col]) if cfg.id_col in df.columns
                                        else pd.Series([str(i) for i in range(len(df))])),
-                        "text": _as_str(df[cfg.text_col])})
+                        "text": text.reset_index(drop=True)})
     if out["example_id"].duplicated().any():
         dup = out["example_id"][out["example_id"].duplicated()].iloc[0]
         raise DataError(f"{p}: example id {dup!r} appears twice in column {cfg.id_col!r}; "

@@ -86,7 +86,8 @@ def classifier_positive(run_dir: str | Path, texts: list[str]) -> tuple[np.ndarr
         path = Path(d) / "texts.csv"
         pd.DataFrame({"example_id": [f"g{i}" for i in range(len(texts))],
                       "text": texts}).to_csv(path, index=False)
-        overrides: dict[str, Any] = {"format": "csv", "text_col": "text", "label_col": "label",
+        overrides: dict[str, Any] = {"format": "csv", "text_col": "text", "text_cols": [],
+                                     "label_col": "label",
                                      "user_col": "", "group_cols": [],
                                      "id_col": "example_id", "split_col": "split"}
         table = predictions_table(run, path, data_overrides=overrides)

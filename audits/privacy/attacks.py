@@ -42,8 +42,8 @@ import pandas as pd
 
 from safelm.errors import UserError
 
-NORMALIZED = {"format": "csv", "text_col": "text", "label_col": "label", "id_col": "example_id",
-              "user_col": "", "group_cols": [], "split_col": "split"}
+NORMALIZED = {"format": "csv", "text_col": "text", "text_cols": [], "label_col": "label",
+              "id_col": "example_id", "user_col": "", "group_cols": [], "split_col": "split"}
 
 
 @dataclass

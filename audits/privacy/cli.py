@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from safelm.errors import UserError
+
 EXIT_FAILED = 1  # the one-run audit refuted the run's epsilon; bad input exits 2 (UserError)
 
 
@@ -54,7 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fewest rows accepted in each file (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of splits and resamples")
     g = p.add_argument_group("data columns (default: the run's config)")
-    g.add_argument("--text-col", help="column with the text")
+    text = g.add_mutually_exclusive_group()
+    text.add_argument("--text-col", help="column with the text")
+    text.add_argument("--text-cols", metavar="A,B,...", help="tabular rows: the text is "
+                      "'A: value | B: value' from these columns, in this order")
     g.add_argument("--label-col", help="column with the class label (classifiers)")
     g.add_argument("--id-col", help="column with example ids")
 
@@ -63,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from .audit import PrivacySettings, privacy_audit
     overrides = {k: getattr(args, k) for k in ("text_col", "label_col", "id_col")
                  if getattr(args, k) is not None}
+    if args.text_col is not None:  # one named text column replaces the run's data.text_cols
+        overrides["text_cols"] = []
+    if args.text_cols is not None:
+        overrides["text_cols"] = [c.strip() for c in args.text_cols.split(",") if c.strip()]
+        if not overrides["text_cols"]:
+            raise UserError("--text-cols is empty; list the columns, e.g. --text-cols age,job")
     settings = PrivacySettings(reference_models=args.reference_models,
                                reference_settings=args.reference_set,
                                confidence=args.confidence, n_boot=args.n_boot,

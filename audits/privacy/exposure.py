@@ -54,8 +54,8 @@ def total_nll(run: Any, texts: list[str]) -> np.ndarray:
         path = Path(tmp) / "canaries.csv"
         pd.DataFrame({"example_id": range(len(texts)), "text": texts}).to_csv(path, index=False)
         table = predictions_table(run, path, data_overrides={
-            "format": "csv", "text_col": "text", "id_col": "example_id", "user_col": "",
-            "group_cols": [], "split_col": ""})
+            "format": "csv", "text_col": "text", "text_cols": [], "id_col": "example_id",
+            "user_col": "", "group_cols": [], "split_col": ""})
     return table["nll"].to_numpy(float) * table["n_tokens"].to_numpy(float)
 
 

@@ -106,6 +106,9 @@ def sections(m: dict[str, Any]) -> list[tuple[str, list[Block]]]:
             f"file sha256: {data.get('sha256') or 'n/a'}",
             f"rows per split: {_counts(data.get('rows'))}; blocks: {_counts(data.get('blocks'))}",
             f"group columns: {', '.join(data['columns']['groups']) or 'none'}"]
+            + ([f"model input: the columns {', '.join(data['columns']['text_cols'])} as "
+                "'column: value | ...' text (in this order)"]
+               if data["columns"].get("text_cols") else [])
             + ([data["note"]] if data.get("note") else []))]),
         ("Privacy guarantee", _privacy(priv)),
         ("Empirical privacy audit", _empirical(m["empirical_privacy_audit"], priv)),

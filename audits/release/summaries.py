@@ -234,8 +234,8 @@ def data_fingerprint(run_dir: Path, cfg: Any, description: str | None) -> dict[s
             "sha256": info.get("sha256"), "file_name": Path(info["path"]).name
             if info.get("path") else None,
             "rows": info.get("rows"), "blocks": info.get("blocks"),
-            "columns": {"text": cfg.data.text_col, "label": cfg.data.label_col,
-                        "user": cfg.data.user_col, "groups": list(cfg.data.group_cols)},
+            "columns": {"text": cfg.data.text_col, "text_cols": list(cfg.data.text_cols),
+                        "label": cfg.data.label_col, "user": cfg.data.user_col, "groups": list(cfg.data.group_cols)},
             "labels": list(cfg.data.labels),
             "split": {"val_frac": cfg.data.val_frac, "test_frac": cfg.data.test_frac,
                       "seed": cfg.train.seed},
