@@ -1,6 +1,7 @@
-"""Every audit's report.html opened in headless Chromium: no console errors, every image
-loaded, the key numbers of report.json in the rendered text; and a deliberately broken copy
-fails each of those checks. Skips where no Chromium is installed (tests/browser_helpers.py)."""
+"""Every audit's report.html, and the release's MODEL_CARD.html, opened in headless Chromium:
+no console errors, every image loaded, the key numbers of report.json in the rendered text;
+and a deliberately broken copy fails each of those checks. Skips where no Chromium is
+installed (tests/browser_helpers.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def problems(browser: Browser, path: Path, numbers: list[str]) -> list[str]:
 
 
 # ---- the reports, each made the fastest way the audit allows ---------------------------------
-def fairness_report(d: Path) -> tuple[Path, list[str]]:
+def fairness_report(d: Path, made: dict) -> tuple[Path, list[str]]:
     from audits.reporting import fmt, fmt_ci
     from fairness_helpers import simulate, write
     from safelm.cli import main
@@ -86,7 +87,7 @@ def fairness_report(d: Path) -> tuple[Path, list[str]]:
     return d / "fair" / "report.html", nums
 
 
-def embeddings_report(d: Path) -> tuple[Path, list[str]]:
+def embeddings_report(d: Path, made: dict) -> tuple[Path, list[str]]:
     from safelm.cli import main
     rng = np.random.default_rng(0)
     shift = np.zeros(8)
@@ -109,7 +110,7 @@ def embeddings_report(d: Path) -> tuple[Path, list[str]]:
                                        f"{t['p_value']:.3g}"]
 
 
-def lm_bias_report(d: Path) -> tuple[Path, list[str]]:
+def lm_bias_report(d: Path, made: dict) -> tuple[Path, list[str]]:
     from audits.lm_bias.audit import LMBiasSettings, lm_bias_audit
     from conftest import TINY, write_lm_txt
     from safelm import Config, train_run
@@ -125,7 +126,7 @@ def lm_bias_report(d: Path) -> tuple[Path, list[str]]:
     return d / "lmb" / "report.html", nums
 
 
-def privacy_report(d: Path) -> tuple[Path, list[str]]:
+def privacy_report(d: Path, made: dict) -> tuple[Path, list[str]]:
     from audits.privacy.audit import PrivacySettings, privacy_audit
     from conftest import TINY
     from safelm import Config, train_run
@@ -144,16 +145,27 @@ def privacy_report(d: Path) -> tuple[Path, list[str]]:
         f"AUC {a['auc']['value']:.3f} [{a['auc']['ci'][0]:.3f}, {a['auc']['ci'][1]:.3f}]"]
 
 
+def model_card(d: Path, made: dict) -> tuple[Path, list[str]]:
+    """The release's MODEL_CARD.html, of the privacy report's run with that report attached."""
+    from audits.release.build import ReleaseOptions, release
+    priv = made["privacy"][0].parent
+    m = release(priv.parent / "cls", d / "rel", ReleaseOptions(privacy_audit=priv))
+    rows = ", ".join(f"{k} {v}" for k, v in m["data"]["rows"].items())
+    return d / "rel" / "MODEL_CARD.html", [
+        f"parameters: {m['model']['n_parameters']:,}", f"rows per split: {rows}",
+        m["privacy"]["statement"], m["files"]["model.safetensors"]]
+
+
 KINDS = {"fairness": fairness_report, "embeddings": embeddings_report,
-         "lm_bias": lm_bias_report, "privacy": privacy_report}
+         "lm_bias": lm_bias_report, "privacy": privacy_report, "model_card": model_card}
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory, one_thread):
-    """``reports[kind]``: (report.html, key numbers), each made on first use."""
+    """``reports[kind]``: (the HTML file, its key numbers), each made on first use."""
     class Made(dict):
         def __missing__(self, kind: str) -> tuple[Path, list[str]]:
-            self[kind] = KINDS[kind](tmp_path_factory.mktemp(kind))
+            self[kind] = KINDS[kind](tmp_path_factory.mktemp(kind), self)
             return self[kind]
     return Made()
 
