@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -77,7 +78,8 @@ class Browser:
         args = [binary, "--headless=new", "--remote-debugging-pipe", "--no-first-run",
                 "--no-default-browser-check", f"--user-data-dir={self._profile}",
                 "--disable-gpu", "--disable-extensions", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--mute-audio", "about:blank"]
+                "--disable-component-update", "--disable-sync", "--mute-audio",
+                "--disable-dev-shm-usage", "about:blank"]  # /tmp, not a small /dev/shm
         if os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
         # close_fds=False: Popen would close fds 3 and 4 after preexec_fn; Python's own fds are
@@ -97,7 +99,6 @@ class Browser:
 
     # ---- the protocol ----------------------------------------------------------------------
     def _read_message(self, deadline: float) -> dict[str, Any]:
-        import select
         while b"\0" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -161,7 +162,7 @@ class Browser:
                           "requestAnimationFrame(() => r(true))))", session)
             images = self.evaluate(
                 "Array.from(document.images, i => ({complete: i.complete, naturalWidth: "
-                "i.naturalWidth, src: i.getAttribute('src').slice(0, 40)}))", session)
+                "i.naturalWidth, src: (i.getAttribute('src') || '').slice(0, 40)}))", session)
             text = self.evaluate("document.querySelectorAll('details').forEach(d => "
                                  "d.open = true); document.body.innerText", session)
             self.evaluate("0", session)  # a last round trip: late events are in by now
