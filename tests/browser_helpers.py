@@ -93,9 +93,17 @@ class Browser:
         self._buf = b""
         self._events: list[dict[str, Any]] = []
         self._stderr: list[bytes] = []
-        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True
-                         ).start()
-        self.version = self.call("Browser.getVersion")["product"]
+        self._reader = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr),
+                                        daemon=True)
+        self._reader.start()
+        try:
+            self.version = self.call("Browser.getVersion")["product"]
+        except (CDPError, OSError) as e:
+            self.close()
+            self._reader.join(timeout=5)
+            err = b"".join(self._stderr).decode(errors="replace").strip()
+            raise CDPError(f"{binary} exited with status {self.proc.returncode} before the "
+                           f"DevTools handshake: {err[-300:] or 'no output'}") from e
 
     # ---- the protocol ----------------------------------------------------------------------
     def _read_message(self, deadline: float) -> dict[str, Any]:
