@@ -248,3 +248,29 @@ def test_init_vectors_with_init_from_is_refused(tmp_path, data, capsys):
                          *CLI_TINY, "--set", f"model.init_vectors={good}",
                          "--init-from", fake_init)
     assert_refused(rc, err, out, "model.init_vectors", "train.init_from", "drop")
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_language_model_head_tied_to_the_initialized_rows(tmp_path, prepared, arch):
+    cfg = Config.from_dict({**prepared.cfg.to_dict(),
+                            "model": {**prepared.cfg.to_dict()["model"], "arch": arch},
+                            "train": {**prepared.cfg.to_dict()["train"], "task": "lm"}})
+    m = vectors_for(FILE_WORDS, 12)
+    init = plan(load(write_vectors(tmp_path / "v.txt", "word2vec-text", FILE_WORDS, m)),
+                prepared.tokenizer, cfg.model.d_model, INIT_STD)
+    model = initial_model(cfg, vectors=init)
+    assert model.head.weight is model.tok_emb.weight
+    np.testing.assert_array_equal(model.head.weight.detach()[init.ids].numpy(), init.rows)
+
+
+def test_federated_training_refuses_init_vectors():
+    """Flower only takes run-config keys pyproject.toml declares, and it does not declare
+    this one; a run config that has it anyway (an edited pyproject) is refused."""
+    from federation.local import app_run_config
+    from federation.settings import parse_run_config
+    from safelm.errors import UserError
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    run_config = {**app_run_config(pyproject), "model.init_vectors": "v.txt"}
+    with pytest.raises(UserError, match="model.init_vectors=v.txt: .*not supported in "
+                                        "federated training"):
+        parse_run_config(run_config)
