@@ -207,6 +207,10 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FedSettings
         raise UserError(f"privacy.canaries={cfg.privacy.canaries}: canaries are planted in a "
                         "central run's training split; every federated client would plant the "
                         "same secrets, which the canary audit does not model; set it to 0")
+    if cfg.model.init_vectors:
+        raise UserError(f"model.init_vectors={cfg.model.init_vectors}: pretrained word vectors "
+                        "are not supported in federated training yet; drop model.init_vectors "
+                        "(or train a central run with it and pass train.init_from)")
     if cfg.privacy.enabled and fed.dp != "none":
         raise UserError(f"privacy.enabled=true (sample-level DP-SGD on clients) and dp={fed.dp} "
                         "(client-level DP) are both set; choose one")

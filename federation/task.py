@@ -96,6 +96,10 @@ class ServerData:
 def server_data(cfg: Config, fed: FedSettings) -> ServerData:
     """Train the tokenizer on the training split and resolve vocab, labels and classes."""
     path = data_path(fed)
+    if cfg.model.init_vectors:
+        raise UserError(f"model.init_vectors={cfg.model.init_vectors}: pretrained word vectors "
+                        "are not supported in federated training yet; drop model.init_vectors "
+                        "(or pretrain a run with it and pass train.init_from)")
     init = None
     if cfg.train.init_from:  # fine-tuning: the pretrained run's tokenizer and shape
         init = _init_run(cfg.train.init_from)

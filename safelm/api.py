@@ -94,7 +94,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     out = Path(out)
     ddp = init_from_env()  # under torchrun: join the group; rank 0 alone writes the run dir
     sha = file_sha256(data_path) if Path(data_path).is_file() else None
-    init = None
+    init = vectors = None
     if resume:
         cfg = rundir.read_config(out)
     from .monitor import check_available
@@ -114,20 +114,18 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             from .warmstart import apply_init_config
             init = load_run(cfg.train.init_from, device="cpu")  # checks its checksums
             apply_init_config(cfg, init.cfg, None)
+        vfile = None
+        if cfg.model.init_vectors:  # read (and refuse a bad file) before the tokenizer trains
+            from . import init_vectors
+            vfile = init_vectors.load(cfg.model.init_vectors)
         prep = prepare(data_path, cfg, init.tokenizer if init else None,
                        canary_record=_shared_canary_draw(cfg, ddp))
         cfg.validate()
-    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone
-    if not resume and init is not None:
-        from .warmstart import base_model_config, load_init_weights
-        model = build_model(base_model_config(cfg.model), cfg.train.task)
-        load_init_weights(model, init.model, cfg, init.cfg)
-        if cfg.model.lora_rank:
-            from .lora import apply_lora
-            apply_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha,
-                       cfg.model.lora_targets, cfg.train.task)
-    else:
-        model = build_model(cfg.model, cfg.train.task)
+        if vfile is not None:
+            from .model import INIT_STD
+            vectors = init_vectors.plan(vfile, prep.tokenizer, cfg.model.d_model, INIT_STD)
+            del vfile
+    model = initial_model(cfg, None if resume else init, vectors)
     from .lora import count_trainable
     trainable, total = count_trainable(model)
     if privacy is None and cfg.privacy.enabled:
@@ -146,12 +144,18 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         if init is not None:
             from .warmstart import init_record
             rundir.atomic_write_json(out / "init.json", init_record(Path(cfg.train.init_from)))
+        if vectors is not None:
+            from .init_vectors import VECTORS_FILE
+            rundir.atomic_write_json(out / VECTORS_FILE, vectors.record)
     trainer = Trainer(model, cfg.train, prep.dataset("train"), prep.dataset("val"),
                       run_dir=out if ddp.main else None, privacy=privacy,
                       num_classes=cfg.model.num_classes)
     if not resume:
+        coverage = {"init_vectors": vectors.record["coverage"]} if vectors is not None else {}
         trainer.log({"kind": "model", "step": 0, "parameters": total,
-                     "trainable_parameters": trainable})
+                     "trainable_parameters": trainable, **coverage})
+        if vectors is not None and ddp.main:
+            print(vectors.summary(), file=sys.stderr)
         if trainable < total and ddp.main:
             print(f"model: {total:,} parameters, {trainable:,} trainable "
                   f"(LoRA rank {cfg.model.lora_rank}, {', '.join(cfg.model.lora_targets)})",
@@ -162,6 +166,27 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         trainer.close_monitors()
     final["trainable_parameters"] = trainable
     return final
+
+
+def initial_model(cfg: Config, init: Any = None, vectors: Any = None) -> nn.Module:
+    """The model a new run starts from (a resumed one restores its checkpoint over it):
+    the seed's random init, then the warm start's weights (``init``, a :class:`Run`) or the
+    pretrained word vectors' rows (``vectors``, a ``safelm.init_vectors.VectorInit``)."""
+    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed alone
+    if init is not None:
+        from .warmstart import base_model_config, load_init_weights
+        model = build_model(base_model_config(cfg.model), cfg.train.task)
+        load_init_weights(model, init.model, cfg, init.cfg)
+        if cfg.model.lora_rank:
+            from .lora import apply_lora
+            apply_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha,
+                       cfg.model.lora_targets, cfg.train.task)
+        return model
+    model = build_model(cfg.model, cfg.train.task)
+    if vectors is not None:
+        from .init_vectors import apply
+        apply(model, vectors)
+    return model
 
 
 def _fit_and_test(trainer: Any, prep: Any, privacy: Any, cfg: Config, out: Path,

@@ -39,6 +39,9 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_targets: list[str] = field(default_factory=lambda: ["attn"])  # attn and/or mlp
+    # Pretrained word vectors (safelm/init_vectors.py): a word2vec (binary/text) or GloVe file
+    # whose words initialize the matching token embedding rows of a new run ("": random init)
+    init_vectors: str = ""
 
 
 @dataclass
@@ -213,6 +216,10 @@ class Config:
             raise ConfigError(f"model.lora_rank={m.lora_rank} trains adapters on frozen base "
                               "weights, which must come from a pretrained run: add "
                               "--init-from RUN_DIR")
+        if m.init_vectors and self.train.init_from:
+            raise ConfigError(f"model.init_vectors={m.init_vectors} with train.init_from="
+                              f"{self.train.init_from}: the init run's embeddings are already "
+                              "trained; drop model.init_vectors (or --init-from)")
         if not 0.0 < m.ln_eps < 1.0:
             raise ConfigError(f"model.ln_eps={m.ln_eps} must be in (0, 1), e.g. 1e-5")
         _choice("data.format", d.format, ("auto", "csv", "jsonl", "txt"))

@@ -158,13 +158,16 @@ class LSTMModel(nn.Module):
         return self.head(last_token(h, lengths))
 
 
+INIT_STD = 0.02  # std of the random init of Linear and Embedding weights (GPT-2's)
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
 
 def build_model(cfg: ModelConfig, task: str) -> nn.Module:
