@@ -164,6 +164,8 @@ def _check_resume_options(args: argparse.Namespace, overrides: dict[str, Any]) -
         keys.append(("data", key))
     for sec, key in keys:
         old, new = getattr(getattr(saved, sec), key), getattr(getattr(given, sec), key)
+        if (sec, key) == ("model", "vocab_size") and new >= old:
+            continue  # the saved size is what BPE reached, at most the one asked for
         if old != new:
             raise UserError(f"--resume: {sec}.{key} is {old!r} in {args.out}/config.json but "
                             f"{new!r} on this command line; a resumed run keeps its config: "

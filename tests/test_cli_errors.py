@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 import subprocess
@@ -281,3 +283,10 @@ def test_resume_accepts_the_original_command_line_and_names_a_conflict(tmp_path,
     rc, _, err = run(capsys, *cmd[:-len(TINY)], "--task", "lm", "--resume")
     assert_user_error(rc, err, "train.task", "'classify'", "'lm'")
     assert tree(out) == before
+    # BPE may reach fewer tokens than model.vocab_size asks for; config.json keeps what it
+    # reached, and the original command (asking for more) still resumes
+    reached = json.loads((out / "config.json").read_text())["model"]["vocab_size"]
+    rc, _, err = run(capsys, *cmd, "--set", f"model.vocab_size={reached + 50}", "--resume")
+    assert rc == 0, err
+    rc, _, err = run(capsys, *cmd, "--set", f"model.vocab_size={reached - 1}", "--resume")
+    assert_user_error(rc, err, "model.vocab_size")
