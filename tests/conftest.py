@@ -61,3 +61,21 @@ def cls_csv(tmp_path: Path) -> Path:
 @pytest.fixture
 def lm_txt(tmp_path: Path) -> Path:
     return write_lm_txt(tmp_path / "lm.txt")
+
+
+class Crash(Exception):
+    """A training run killed mid-way (see crash_at)."""
+
+
+def crash_at(monkeypatch, step: int):
+    """Make every Trainer raise Crash right after optimizer step ``step`` (its step record
+    logged); returns a function that removes the crash, for the resume that follows."""
+    import safelm.trainer as tr
+    orig = tr.Trainer._on_step
+
+    def crashing(self, trainer):
+        orig(self, trainer)
+        if self.global_step == step:
+            raise Crash
+    monkeypatch.setattr(tr.Trainer, "_on_step", crashing)
+    return lambda: monkeypatch.setattr(tr.Trainer, "_on_step", orig)

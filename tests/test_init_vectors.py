@@ -22,6 +22,7 @@ from safelm.api import initial_model, prepare
 from safelm.cli import main
 from safelm.config import Config
 from safelm.init_vectors import VECTORS_FILE, load, plan
+from release_helpers import cli
 from safelm.model import INIT_STD
 
 SMALL = ["model.n_layer=1", "model.d_model=8", "model.n_head=2", "model.block_size=16",
@@ -171,13 +172,7 @@ def test_non_text_tokens_and_specials_are_never_covered(tmp_path, prepared):
     assert np.array_equal(row, init.rows[init.ids.tolist().index(vocab["Ġthe"])])
 
 
-def run_cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+run_cli = cli  # tests/release_helpers.py
 
 
 @pytest.mark.slow

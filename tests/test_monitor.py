@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, Crash, crash_at
 from safelm import Config, train_run
 from safelm.cli import main
 from safelm.monitor import scalars
@@ -65,22 +65,12 @@ def test_tensorboard_mirrors_metrics_with_epsilon_and_survives_resume(cls_csv, t
     assert len(eps) == 2 and eps[0] < eps[1] and eps[1] == pytest.approx(ledger, rel=1e-5)
 
     # crash after a checkpoint, resume: the curves hold one history, like metrics.jsonl
-    import safelm.trainer as tr
-
-    class Crash(Exception):
-        pass
-    orig = tr.Trainer._on_step
-
-    def crashing(self, trainer):
-        orig(self, trainer)
-        if self.global_step == 5:
-            raise Crash
-    monkeypatch.setattr(tr.Trainer, "_on_step", crashing)
+    uncrash = crash_at(monkeypatch, 5)
     cut = tmp_path / "cut"
     with pytest.raises(Crash):
         train_run(cls_csv, Config.load(None, TINY + DP + ["train.epochs=2",
                                                          "train.checkpoint_every=3"]), cut)
-    monkeypatch.setattr(tr.Trainer, "_on_step", orig)
+    uncrash()
     assert max(s for s, _ in read_events(cut)["step/loss"]) == 5  # logged past the checkpoint
     train_run(cls_csv, None, cut, resume=True)
     tb, js = read_events(cut), jsonl_curves(cut)

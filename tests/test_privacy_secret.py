@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from safelm import Config, train_run
 from safelm.config import PrivacyConfig
 from safelm.privacy import DifferentialPrivacy
-from conftest import TINY
+from conftest import TINY, Crash, crash_at
 
 DP = ["train.task=classify", "model.dropout=0.0", "train.epochs=1", "privacy.enabled=true",
       "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]
@@ -112,25 +112,14 @@ def test_secret_seed_is_written_to_resume_only_and_never_released(cls_csv, tmp_p
         seed.to_bytes(8, "little") in (run / "resume/state.pt").read_bytes()
 
 
-class Crash(Exception):
-    pass
-
-
 def _two_resumes_of_one_crash(data, tmp_path, monkeypatch, keep_secret: bool) -> bool:
     """Crash a DP run at step 5 (after the step-3 checkpoint), resume two copies of it;
     whether they end bit-identical."""
     import safelm.privacy.engine as eng
-    import safelm.trainer as tr
-    orig = tr.Trainer._on_step
-
-    def crashing(self, trainer):
-        orig(self, trainer)
-        if self.global_step == 5:
-            raise Crash
-    monkeypatch.setattr(tr.Trainer, "_on_step", crashing)
+    uncrash = crash_at(monkeypatch, 5)
     with pytest.raises(Crash):
         train_run(data, cfg("train.epochs=3", "train.checkpoint_every=3"), tmp_path / "cut")
-    monkeypatch.setattr(tr.Trainer, "_on_step", orig)
+    uncrash()
     if not keep_secret:  # the control: resume forgets the stored secret (a fresh OS draw)
         monkeypatch.setattr(eng.DifferentialPrivacy, "load_rng_state", lambda self, st: None)
     shutil.copytree(tmp_path / "cut", tmp_path / "cut2")

@@ -19,22 +19,10 @@ from audits.embeddings.weat import associations, effect_size, holm, weat
 from safelm.cli import main
 from safelm.errors import UserError
 from safelm.vectors import detect_format, read_vectors
+from release_helpers import cli, one_error_line
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, (rc, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
+assert_one_line_error = one_error_line
 
 
 # ---- (1) the statistics against plain Python -------------------------------------------------
