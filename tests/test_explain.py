@@ -25,16 +25,18 @@ PLANTED = "zebra"
 
 def write_planted(path: Path, n: int = 300, seed: int = 0) -> Path:
     """label 'yes' exactly when the text contains the planted word."""
-    rng = random.Random(seed)
+    rng, coins = random.Random(seed), random.Random(seed + 1)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["example_id", "text", "label"])
+        w.writerow(["example_id", "text", "label", "grp", "coin"])
         for i in range(n):
             words = [rng.choice(FILL) for _ in range(rng.randint(3, 6))]
             has = rng.random() < 0.5
             if has:
                 words.insert(rng.randrange(len(words) + 1), PLANTED)
-            w.writerow([f"r{i}", " ".join(words), "yes" if has else "no"])
+            # grp: a group defined by the planted word; coin: a group unrelated to anything
+            w.writerow([f"r{i}", " ".join(words), "yes" if has else "no", "z" if has else "o",
+                        coins.choice("ht")])
     return path
 
 
@@ -146,3 +148,39 @@ def test_missing_captum_exits_2_naming_the_extra(monkeypatch, tmp_path, capsys):
                str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pip install 'safelm[explain]'" in err[0]
+
+
+@pytest.mark.slow
+def test_fairness_explain_points_at_the_planted_word(planted, tmp_path, capsys):
+    """A group defined by the planted word is flagged (selection rate ~1 vs ~0.5); the word
+    that most separates its attributions from the rest's is the planted word."""
+    from safelm.api import load_run, predictions_table, write_csv
+    from safelm.cli import main
+    run_dir, data, _ = planted
+    preds = tmp_path / "p.csv"
+    write_csv(predictions_table(load_run(run_dir, device="cpu"), data, split="test",
+                                data_overrides={"group_cols": ["grp", "coin"]}), preds)
+    assert main(["audit", "fairness", "--predictions", str(preds), "--sensitive", "grp",
+                 "--out", str(tmp_path / "a"), "--n-boot", "50", "--explain", str(run_dir),
+                 "--data", str(data), "--explain-rows", "16"]) == 0
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    ex = rep["explanations"]
+    z = next(g for g in ex["groups"] if g["group"] == {"grp": "z"})
+    assert z["top_words"][0]["word"] == PLANTED and z["top_words"][0]["difference"] > 0
+    assert ex["faithfulness"]["rows"] > 0
+    assert "What drives the flagged groups" in (tmp_path / "a" / "report.html").read_text()
+    assert PLANTED in capsys.readouterr().out
+    # an unrelated group: nothing flagged, and the report says so
+    assert main(["audit", "fairness", "--predictions", str(preds), "--sensitive", "coin",
+                 "--out", str(tmp_path / "b"), "--n-boot", "50", "--explain", str(run_dir),
+                 "--data", str(data)]) == 0
+    ex = json.loads((tmp_path / "b" / "report.json").read_text())["explanations"]
+    assert ex["groups"] == [] and "no group is flagged" in ex["note"]
+
+
+def test_fairness_explain_needs_data(tmp_path, capsys):
+    from safelm.cli import main
+    rc = main(["audit", "fairness", "--predictions", str(tmp_path / "p.csv"), "--sensitive",
+               "g", "--out", str(tmp_path / "a"), "--explain", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--data" in err[0]
