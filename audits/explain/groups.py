@@ -8,7 +8,7 @@ group's value is the mean over G's rows of w's attribution in the row (0 where w
 so it folds together how often the word occurs and how hard it pushes; the rest's value is the
 same over the other explained rows, and the words are ranked by |G - rest| (a negative
 difference: the word pushes G's predictions down more than the others'). Flagged groups
-are the ``by_group`` entries whose status is ``flagged``. Rows: every row of the predictions
+are those of :func:`flagged_groups`. Rows: every row of the predictions
 table up to ``max_rows`` (a seeded sample), topped up so each flagged group has at least
 ``min_group_rows`` of its rows when it has them. Descriptive: no interval on the differences.
 """
@@ -30,8 +30,32 @@ TOP_WORDS = 10
 
 
 def flagged_groups(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in report["by_group"] if e.get("status") == "flagged"
-            and e["slice"] != "overall"]
+    """Groups the audit flagged: ``by_group`` entries with status ``flagged`` (against overall
+    or a reference group), and the worse-off group of every flagged pair between groups (the
+    lower one, or the higher for metrics where higher is worse); each with ``flagged_by``."""
+    from ..fairness.disparities import HIGHER_IS_WORSE
+    by_key = {(e["slice"], e["label"]): e for e in report["by_group"]}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in report["by_group"]:
+        if e.get("status") == "flagged" and e["slice"] != "overall":
+            found[(e["slice"], e["label"])] = {**_entry(e), "flagged_by": ["its own comparisons"]}
+    for d in report["disparities"]:
+        if not d["flagged"] or d.get("scope") != "pair":
+            continue
+        lower_is_worse = d["metric"] not in HIGHER_IS_WORSE
+        higher = d["value"] > 0 if d["kind"] == "difference" else d["value"] > 1
+        label = d["other_label"] if higher == lower_is_worse else d["label"]
+        e = by_key.get((d["slice"], label))
+        if e is None:
+            continue
+        other = d["label"] if label == d["other_label"] else d["other_label"]
+        item = found.setdefault((d["slice"], label), {**_entry(e), "flagged_by": []})
+        item["flagged_by"].append(f"{d['metric']} {d['kind']} vs {other}")
+    return list(found.values())
+
+
+def _entry(e: dict[str, Any]) -> dict[str, Any]:
+    return {"slice": e["slice"], "group": e["group"], "label": e["label"]}
 
 
 def group_explanations(report: dict[str, Any], df: pd.DataFrame, run_dir: str | Path,
@@ -79,7 +103,7 @@ def group_explanations(report: dict[str, Any], df: pd.DataFrame, run_dir: str | 
                   "share_of_rest_rows": float(present_r[w])}
                  for w in diff.abs().sort_values(ascending=False).index[:TOP_WORDS]]
         out["groups"].append({"slice": g["slice"], "group": g["group"], "label": g["label"],
-                              "n_explained": int(inside.sum()),
+                              "flagged_by": g["flagged_by"], "n_explained": int(inside.sum()),
                               "n_rest": int((~inside).sum()), "top_words": words})
     out.update({"rows_explained": len(records), "method": method(settings),
                 "max_convergence_delta": max(r["convergence_delta"] for r in records),
