@@ -72,11 +72,13 @@ def _attention_figure(rec: dict[str, Any]) -> str:
     att = np.asarray(rec["attention"])  # [L, H, T]
     L, H, T = att.shape
     fig, ax = plt.subplots(figsize=(min(12, 1.5 + 0.45 * T), 0.9 + 0.28 * L * H))
-    ax.imshow(att.reshape(L * H, T), aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(att.reshape(L * H, T), aspect="auto", cmap="Blues", vmin=0,
+              vmax=max(float(att.max()), 1e-9))
     ax.set_xticks(range(T), [t.strip() or "_" for t in rec["tokens"]], rotation=60,
                   fontsize=8)
     ax.set_yticks(range(L * H), [f"L{i // H} H{i % H}" for i in range(L * H)], fontsize=7)
-    ax.set_title(f"attention from the last token ({rec['id']})", fontsize=9)
+    ax.set_title(f"attention from the last token ({rec['id']}; darkest = {att.max():.2f})",
+                 fontsize=9)
     fig.tight_layout()
     return figure_png(fig)
 
