@@ -121,8 +121,12 @@ def faithfulness(run: Any, records: list[dict[str, Any]], settings: ExplainSetti
                                              alternative="greater").pvalue)
     if len(nz) >= 2:
         res["wilcoxon_p"] = float(wilcoxon(top_a, rand_a, alternative="greater").pvalue)
+    # passed: top-k deletion moves the prediction more on average, and the paired test says
+    # so at 5% (the test needs at least two rows that are not ties)
     res["passed"] = bool(res["top_k_drop_mean"] is not None
-                         and res["top_k_drop_mean"] > res["random_drop_mean"])
+                         and res["top_k_drop_mean"] > res["random_drop_mean"]
+                         and res["wilcoxon_p"] is not None and res["wilcoxon_p"] < ALPHA)
+    res["alpha"] = ALPHA
     return res
 
 
@@ -131,6 +135,7 @@ def _drop(ids: list[int], positions: Any) -> list[int]:
     return [t for i, t in enumerate(ids) if i not in gone]
 
 
+ALPHA = 0.05  # level of the paired test behind faithfulness "passed"
 _WORD = re.compile(r"\w[\w'-]*", re.UNICODE)
 
 
