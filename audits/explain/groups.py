@@ -7,10 +7,12 @@ positive attribution pushes towards the favourable outcome. For a word w and a g
 group's value is the mean over G's rows of w's attribution in the row (0 where w is absent),
 so it folds together how often the word occurs and how hard it pushes; the rest's value is the
 same over the other explained rows, and the words are ranked by |G - rest| (a negative
-difference: the word pushes G's predictions down more than the others'). Flagged groups
+difference: the word pushes G's predictions down more than the others'), each with a 95%
+row-bootstrap interval (marginal, and computed after the words were picked by the same
+rows: a gauge of the noise, not a test). Flagged groups
 are those of :func:`flagged_groups`. Rows: every row of the predictions
 table up to ``max_rows`` (a seeded sample), topped up so each flagged group has at least
-``min_group_rows`` of its rows when it has them. Descriptive: no interval on the differences.
+``min_group_rows`` of its rows when it has them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safelm.explain import require_captum, require_classifier
 from .compute import ExplainSettings, explain_rows, faithfulness, method, word_key
 
 TOP_WORDS = 10
+BOOT = 1000  # row resamples behind each word's interval
 
 
 def flagged_groups(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,10 +101,14 @@ def group_explanations(report: dict[str, Any], df: pd.DataFrame, run_dir: str | 
         diff = (a - b).sort_values()
         present = attr != 0
         present_g, present_r = present[inside].mean(axis=0), present[~inside].mean(axis=0)
+        top = list(diff.abs().sort_values(ascending=False).index[:TOP_WORDS])
+        cis = _bootstrap(attr[top].to_numpy(), inside, rng)
         words = [{"word": w, "group_mean": float(a[w]), "rest_mean": float(b[w]),
-                  "difference": float(diff[w]), "share_of_group_rows": float(present_g[w]),
+                  "difference": float(diff[w]), "ci": [float(lo), float(hi)],
+                  "excludes_zero": bool(lo > 0 or hi < 0),
+                  "share_of_group_rows": float(present_g[w]),
                   "share_of_rest_rows": float(present_r[w])}
-                 for w in diff.abs().sort_values(ascending=False).index[:TOP_WORDS]]
+                 for w, (lo, hi) in zip(top, cis)]
         out["groups"].append({"slice": g["slice"], "group": g["group"], "label": g["label"],
                               "flagged_by": g["flagged_by"], "n_explained": int(inside.sum()),
                               "n_rest": int((~inside).sum()), "top_words": words})
@@ -109,8 +116,24 @@ def group_explanations(report: dict[str, Any], df: pd.DataFrame, run_dir: str | 
                 "max_convergence_delta": max(r["convergence_delta"] for r in records),
                 "faithfulness": faithfulness(run, records, settings),
                 "ranking": "words by |mean attribution in the group - mean in the rest| "
-                           "(0 where a row lacks the word); descriptive, no interval"})
+                           "(0 where a row lacks the word); ci: 95% row-bootstrap percentile "
+                           "interval, marginal and after selection (a noise gauge)"})
     return out
+
+
+def _bootstrap(x: np.ndarray, inside: np.ndarray, rng: np.random.Generator,
+               n_boot: int = BOOT) -> np.ndarray:
+    """Percentile intervals [words, 2] of mean(group) - mean(rest) per column of ``x``
+    [rows, words], resampling rows within the group and within the rest. Marginal, per
+    word: the words were chosen by the same data, so read them as a noise gauge, not a test."""
+    g, r = x[inside], x[~inside]
+    if len(g) == 0 or len(r) == 0:
+        return np.full((x.shape[1], 2), np.nan)
+    stats = np.empty((n_boot, x.shape[1]))
+    for i in range(n_boot):
+        stats[i] = (g[rng.integers(0, len(g), len(g))].mean(0)
+                    - r[rng.integers(0, len(r), len(r))].mean(0))
+    return np.percentile(stats, [2.5, 97.5], axis=0).T
 
 
 def _members(d: pd.DataFrame, group: dict[str, str]) -> list[str]:
@@ -143,7 +166,12 @@ def lines(section: dict[str, Any]) -> list[str]:
         up = [w for w in g["top_words"] if w["difference"] > 0][:3]
         out.append(f"{g['label']} ({g['n_explained']} rows vs {g['n_rest']}): words pushing "
                    f"towards {section['target']!r} less than elsewhere: "
-                   + (", ".join(f"{w['word']} {w['difference']:+.3f}" for w in down) or "none")
-                   + "; more: "
-                   + (", ".join(f"{w['word']} {w['difference']:+.3f}" for w in up) or "none"))
+                   + (", ".join(_w(w) for w in down) or "none") + "; more: "
+                   + (", ".join(_w(w) for w in up) or "none"))
+    out.append("(* : the word's 95% bootstrap interval excludes 0; marginal, after selection)")
+    return out
+
+
+def _w(w: dict[str, Any]) -> str:
+    return f"{w['word']} {w['difference']:+.3f}{'*' if w.get('excludes_zero') else ''}"
     return out

@@ -294,11 +294,11 @@ def _explanations_html(ex: dict[str, Any]) -> str:
     parts = [head, "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in lines(ex)) + "</ul>"]
     for g in ex["groups"]:
         rows = [[esc(w["word"]), fmt(w["group_mean"]), fmt(w["rest_mean"]),
-                 fmt(w["difference"]), fmt(w["share_of_group_rows"], 2),
+                 fmt(w["difference"]), fmt_ci(w.get("ci"), 3), fmt(w["share_of_group_rows"], 2),
                  fmt(w["share_of_rest_rows"], 2)] for w in g["top_words"]]
         parts.append(f"<h3>{esc(g['label'])}</h3>" + table(
-            ["word", "group mean", "rest mean", "difference", "share of group rows",
-             "share of rest rows"], rows))
+            ["word", "group mean", "rest mean", "difference", "95% interval",
+             "share of group rows", "share of rest rows"], rows))
     return "".join(parts)
 
 
