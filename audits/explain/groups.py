@@ -12,7 +12,8 @@ row-bootstrap interval (marginal, and computed after the words were picked by th
 rows: a gauge of the noise, not a test). Flagged groups
 are those of :func:`flagged_groups`. Rows: every row of the predictions
 table up to ``max_rows`` (a seeded sample), topped up so each flagged group has at least
-``min_group_rows`` of its rows when it has them.
+``min_group_rows`` of its rows when it has them (the top-up over-represents flagged groups
+in another group's "rest").
 """
 
 from __future__ import annotations
