@@ -17,6 +17,7 @@ from typing import Any, Callable
 from safelm.errors import UserError
 
 from .embeddings import cli as embeddings_cli
+from .explain import cli as explain_cli
 from .fairness import cli as fairness_cli
 from .lm_bias import cli as lm_bias_cli
 from .privacy import cli as privacy_cli
@@ -47,8 +48,8 @@ AUDITS: list[Audit] = [
 
 
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`, and ``safelm release``
-    / ``safelm verify`` (audits/release)."""
+    """Add ``safelm audit <kind>`` for every entry of :data:`AUDITS`, ``safelm release``
+    / ``safelm verify`` (audits/release) and ``safelm explain`` (audits/explain)."""
     p = subparsers.add_parser("audit", help="audit predictions or a run (fairness, LM bias, "
                               "privacy, embeddings)",
                               description="Audits: " + ", ".join(a.name for a in AUDITS))
@@ -64,8 +65,12 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     v = subparsers.add_parser("verify", help="check a release's hashes, schema and policy "
                               "gates (exit 1 naming each failed gate)")
     release_cli.add_verify_arguments(v)
+    x = subparsers.add_parser("explain", help="per-token attributions of a classifier's "
+                              "predictions (integrated gradients, attention) and their "
+                              "faithfulness")
+    explain_cli.add_arguments(x)
     return {"audit": _dispatch, "release": release_cli.run_release,
-            "verify": release_cli.run_verify}
+            "verify": release_cli.run_verify, "explain": explain_cli.run}
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -61,6 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model trained with an in-training mitigation (e.g. --set "
                    "train.reweight=groups_labels); FILE holds the same model trained without it, "
                    "on the same rows: the report shows before/after and the accuracy cost")
+    p.add_argument("--explain", metavar="RUN", help="a classifier run that made the "
+                   "predictions: for each flagged group, the words that most drive its "
+                   "predictions compared with the rest (integrated gradients; needs --data "
+                   "and captum: pip install 'safelm[explain]')")
+    p.add_argument("--data", metavar="FILE", help="with --explain: the data file the "
+                   "predictions were made from (texts by example_id)")
+    p.add_argument("--explain-rows", type=int, default=300, metavar="N",
+                   help="with --explain: rows to explain (a seeded sample, topped up to 60 "
+                   "per flagged group; default 300)")
     p.add_argument("--mitigation-method", default="", metavar="TEXT",
                    help="how the audited model was mitigated, for the report "
                    "(e.g. 'train.reweight=groups_labels')")
@@ -112,12 +121,20 @@ def run(args: argparse.Namespace) -> int:
                              references=parse_references(args.reference))
     mitigate = [c.strip() for c in args.mitigate.split(",") if c.strip()] if args.mitigate \
         else None
+    from safelm.errors import UserError
+    if (args.explain is None) != (args.data is None):
+        raise UserError("--explain RUN and --data FILE go together: the run that made the "
+                        "predictions and the data file they were made from")
+    if args.explain_rows < 1:
+        raise UserError("--explain-rows must be at least 1")
     report = fairness_audit(args.predictions, args.sensitive, args.out,
                             pos_label=args.pos_label, settings=settings, n_bins=args.bins,
                             compare=args.compare, mitigate=mitigate,
                             fit_predictions=args.fit_predictions,
                             unmitigated=args.unmitigated,
-                            mitigation_method=args.mitigation_method)
+                            mitigation_method=args.mitigation_method,
+                            explain=(args.explain, args.data) if args.explain else None,
+                            explain_rows=args.explain_rows)
     lines = report["summary"]["flagged"]
     print(f"{report['summary']['n_flagged']} disparities flagged" if lines
           else "no disparity flagged")
@@ -145,5 +162,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  mitigation {m['constraint']}: demographic parity difference "
               f"{dp['before']['value']:.3f} -> {dp['after']['value']:.3f}, accuracy cost "
               f"{m['accuracy_cost']['value']:.3f}")
+    if report.get("explanations"):
+        from ..explain.groups import lines as explain_lines
+        print("what drives the flagged groups' predictions (integrated gradients):")
+        for s in explain_lines(report["explanations"]):
+            print(f"  {s}")
     print(f"report: {report['_paths']['html']}")
     return 0

@@ -20,15 +20,23 @@ def fairness_audit(predictions: str | Path, sensitive: str | list[str],
                    compare: str | Path | None = None, mitigate: list[str] | None = None,
                    fit_predictions: str | Path | None = None,
                    unmitigated: str | Path | None = None,
-                   mitigation_method: str = "") -> dict[str, Any]:
+                   mitigation_method: str = "",
+                   explain: tuple[str | Path, str | Path] | None = None,
+                   explain_rows: int = 300) -> dict[str, Any]:
     """Audit ``predictions`` by ``sensitive`` columns; write report.* into ``out`` if given.
 
     Everything is computed before anything is written, so a failing audit leaves an
     earlier report in ``out`` untouched. Returns the report dict (report.json's content),
     with the written paths under ``"_paths"`` when ``out`` is given.
+
+    ``explain = (RUN, DATA)``: for each flagged group, the words that most drive its
+    predictions vs the rest (``audits/explain/groups.py``), in ``report["explanations"]``.
     """
     settings = settings or FairnessSettings()
     _check_settings(settings, n_bins)
+    if explain is not None:  # refuse a missing captum or an LM run before the slow part
+        from safelm.explain import require_captum
+        require_captum("--explain")
     pt = load_predictions(predictions, sensitive, pos_label=pos_label, n_bins=n_bins)
     report = run_audit(pt, settings)
     extra: dict[str, Any] = {}
@@ -55,6 +63,10 @@ def fairness_audit(predictions: str | Path, sensitive: str | list[str],
             training_mitigation(pt, before, settings, mitigation_method))
         extra["unmitigated_sha256"] = before.sha256
     complete(report, pt, extra)
+    if explain is not None:
+        from ..explain.groups import group_explanations
+        report["explanations"] = group_explanations(report, pt.df, explain[0], explain[1],
+                                                    max_rows=explain_rows, seed=settings.seed)
     if out is not None:
         report["_paths"] = {k: str(v) for k, v in write_report(report, out, pt).items()}
     return report

@@ -278,8 +278,28 @@ def render_html(report: dict[str, Any], pt: PredTable | None = None) -> str:
         body.append(_mitigation_html(report["mitigation"]))
     if report.get("comparison"):
         body.append(_comparison_html(report["comparison"]))
+    if report.get("explanations"):
+        body.append(_explanations_html(report["explanations"]))
     body.append(_footer(report))
     return page("Fairness audit", "".join(body))
+
+
+def _explanations_html(ex: dict[str, Any]) -> str:
+    from ..explain.groups import lines
+    head = (f"<h2>What drives the flagged groups' predictions</h2><p class=note>Integrated "
+            f"gradients of {esc(ex['run'])} towards {esc(ex['target'])!s}; "
+            f"{esc(ex.get('ranking', ''))}.</p>")
+    if not ex["groups"]:
+        return head + f"<p>{esc(ex.get('note', ''))}</p>"
+    parts = [head, "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in lines(ex)) + "</ul>"]
+    for g in ex["groups"]:
+        rows = [[esc(w["word"]), fmt(w["group_mean"]), fmt(w["rest_mean"]),
+                 fmt(w["difference"]), fmt_ci(w.get("ci"), 3), fmt(w["share_of_group_rows"], 2),
+                 fmt(w["share_of_rest_rows"], 2)] for w in g["top_words"]]
+        parts.append(f"<h3>{esc(g['label'])}</h3>" + table(
+            ["word", "group mean", "rest mean", "difference", "95% interval",
+             "share of group rows", "share of rest rows"], rows))
+    return "".join(parts)
 
 
 def _row(d: dict[str, Any]) -> list[str]:
@@ -419,6 +439,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                    for m in metrics] for e in report["by_group"] if e["slice"] == name]
         out += [f"## {name}", "", md_table(["group", "n"] + [metric_name(m) for m in metrics],
                                            rows), ""]
+    if report.get("explanations"):
+        from ..explain.groups import lines
+        out += ["## What drives the flagged groups' predictions", "",
+                *[f"- {s}" for s in lines(report["explanations"])], ""]
     for it in report.get("mitigation") or []:
         out += [f"## Mitigation: {_mitigation_title(it)}", "", _mitigation_source(it), "",
                 f"accuracy cost {fmt(it['accuracy_cost']['value'])} "
