@@ -253,7 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Ctrl-C (SIGINT) and SIGTERM stop every process, also when this was started from a
+    # background job of a non-interactive shell, which leaves SIGINT ignored (Python then
+    # keeps it ignored) and the children would outlive a Ctrl-C meant for them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     t0 = time.perf_counter()
     rc = (f'out-dir="{out / "global"}" num-server-rounds={args.rounds} '
           f'min-nodes={args.nodes} {args.run_config}').strip()
