@@ -26,10 +26,10 @@ VERSIONED = ("safelm", "fairlearn", "numpy", "pandas", "scikit-learn", "scipy", 
 sha256_file = file_sha256  # input hashes in every report (safelm's torch-free helper)
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape an audit's numbers."""
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of Python and the libraries that shape an audit's numbers (plus ``extra``)."""
     out = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in (*VERSIONED, *extra):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

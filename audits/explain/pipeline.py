@@ -41,7 +41,7 @@ def explain(run_dir: str | Path, data: str | Path, out: str | Path | None, *,
                     "uninformative_baseline_rows": sum(abs(r["score"] - r["f_baseline"]) < 0.05
                                                        for r in records)},
         "inputs": {"model_sha256": model_sha256(run), "data_sha256": common.sha256_file(data)},
-        "versions": {**common.versions(), **_extra_versions()}}
+        "versions": common.versions(*VERSIONED)}
     explanations = {"kind": "safelm-explanations", "run": str(run_dir), "data": str(data),
                     "method": rep["method"],
                     "rows": [{k: v for k, v in r.items() if k != "ids"} | {"token_ids": r["ids"]}
@@ -55,13 +55,3 @@ def explain(run_dir: str | Path, data: str | Path, out: str | Path | None, *,
     rep["_records"] = records
     return rep
 
-
-def _extra_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
