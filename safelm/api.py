@@ -41,47 +41,55 @@ class Prepared:
     splits: dict[str, pd.DataFrame]
     encoded: dict[str, Encoded]
     canaries: dict[str, Any] | None = None  # the canaries.json record when privacy.canaries > 0
+    record: dict[str, Any] | None = None  # for data.json: token cache and tokenizer sample
 
     def dataset(self, split: str) -> BlockDataset:
         return BlockDataset(self.encoded[split])
 
 
 def prepare(data_path: str | Path, cfg: Config, tokenizer: Tokenizer | None = None,
-            canary_record: dict[str, Any] | None = None) -> Prepared:
-    """Read, split, tokenize (training a tokenizer on the train split if none is given) and
-    resolve the data-dependent config fields (vocab size, labels, number of classes).
+            canary_record: dict[str, Any] | None = None,
+            data_sha256: str | None = None) -> Prepared:
+    """Read, split, tokenize (training a tokenizer on a bounded sample of the train split if
+    none is given) and resolve the data-dependent config fields (vocab size, labels, number
+    of classes). The file is streamed into memory-mapped token files (safelm/tokencache.py),
+    so a corpus larger than memory trains; ``splits`` holds the rows' metadata, not text.
 
     ``canary_record``: for ``privacy.canary_inclusion=bernoulli``, the secrets and coins to use
     (a resumed run's ``canaries.json``, or one draw shared by all torchrun ranks); None draws
     new ones from the OS."""
-    task = cfg.train.task
-    rows = load_rows(data_path, cfg.data, task)
-    splits = split_rows(rows, cfg.data, cfg.train.seed)
-    if tokenizer is None:
-        tokenizer = Tokenizer.train(splits["train"]["text"], cfg.model.vocab_size)
-        cfg.model.vocab_size = tokenizer.vocab_size
-    else:  # a given tokenizer (resume, warm start) may be smaller than a padded vocabulary
+    from .tokencache import prepare_streamed
+    task, given = cfg.train.task, tokenizer is not None
+    streamed, tokenizer = prepare_streamed(
+        data_path, cfg, tokenizer, data_sha256=data_sha256,
+        train_tokenizer=lambda texts: Tokenizer.train(texts, cfg.model.vocab_size))
+    if given:  # a given tokenizer (resume, warm start) may be smaller than a padded vocabulary
         cfg.model.vocab_size = max(cfg.model.vocab_size, tokenizer.vocab_size)
+    else:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    splits, encoded = streamed.splits, streamed.encoded
     canaries = None
     if cfg.privacy.canaries:  # after the tokenizer, so it cannot learn them (safelm/canaries.py)
-        splits["train"], canaries = insert_canaries(
-            splits["train"], cfg.privacy.canaries, cfg.privacy.canary_repeats, cfg.train.seed,
+        n_train = len(splits["train"])  # encoded in memory: never in the token cache
+        extra, canaries = insert_canaries(
+            splits["train"].head(0).assign(text=pd.Series(dtype=str)), cfg.privacy.canaries,
+            cfg.privacy.canary_repeats, cfg.train.seed,
             inclusion=cfg.privacy.canary_inclusion or "all", previous=canary_record)
+        splits["train"] = pd.concat([splits["train"], extra.drop(columns="text")],
+                                    ignore_index=True)
+        encoded["train"] = encoded["train"].extend(
+            encode_rows(extra, tokenizer, cfg.model.block_size, task, cfg.data.labels), n_train)
     if task == "classify":
-        if not cfg.data.labels:
-            cfg.data.labels = sorted(set(splits["train"]["label"]))
         if len(cfg.data.labels) < 2:
             raise UserError(f"{data_path}: the training split has only the label "
                             f"{cfg.data.labels}; classification needs at least two classes")
         cfg.model.num_classes = len(cfg.data.labels)
-    encoded = {name: encode_rows(df, tokenizer, cfg.model.block_size, task, cfg.data.labels)
-               for name, df in splits.items()}
     if cfg.train.reweight != "none":  # fairness mitigation: weights from the train split only
         w = row_weights(splits["train"], cfg.train.reweight_cols or cfg.data.group_cols,
                         cfg.train.reweight)
         enc = encoded["train"]
         enc.weights = torch.tensor(w, dtype=torch.float32)[enc.example]
-    return Prepared(cfg, tokenizer, splits, encoded, canaries)
+    return Prepared(cfg, tokenizer, splits, encoded, canaries, streamed.record)
 
 
 def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
@@ -105,7 +113,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             raise UserError(f"{data_path} is not the file this run was trained on (sha256 "
                             "differs); resume with the same --data")
         prep = prepare(data_path, cfg, Tokenizer.load(out / rundir.TOKENIZER),
-                       _read_canary_record(out, cfg))
+                       _read_canary_record(out, cfg), data_sha256=sha)
     else:
         if ddp.main and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue "
@@ -119,7 +127,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             from . import init_vectors
             vfile = init_vectors.load(cfg.model.init_vectors)
         prep = prepare(data_path, cfg, init.tokenizer if init else None,
-                       canary_record=_shared_canary_draw(cfg, ddp))
+                       canary_record=_shared_canary_draw(cfg, ddp), data_sha256=sha)
         cfg.validate()
         if vfile is not None:
             from .model import INIT_STD
@@ -138,7 +146,7 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
         rundir.atomic_write_json(out / DATA_INFO, {
             "path": str(data_path), "sha256": sha,
             "rows": {k: len(v) for k, v in prep.splits.items()},
-            "blocks": {k: int(e.input_ids.shape[0]) for k, e in prep.encoded.items()}})
+            "blocks": {k: len(e) for k, e in prep.encoded.items()}, **(prep.record or {})})
         if prep.canaries:  # the secrets the privacy audit looks for (never part of a release)
             rundir.atomic_write_json(out / CANARIES_FILE, prep.canaries)
         if init is not None:
@@ -150,6 +158,9 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
     trainer = Trainer(model, cfg.train, prep.dataset("train"), prep.dataset("val"),
                       run_dir=out if ddp.main else None, privacy=privacy,
                       num_classes=cfg.model.num_classes)
+    if ddp.main and prep.record:
+        from .tokencache import summary
+        print(summary(prep.record), file=sys.stderr)
     if not resume:
         coverage = {"init_vectors": vectors.record["coverage"]} if vectors is not None else {}
         trainer.log({"kind": "model", "step": 0, "parameters": total,
@@ -269,12 +280,13 @@ def score_encoded(run: Run, enc: Encoded, n_rows: int, batch_size: int = 64) -> 
     nll_sum = torch.zeros(n_rows, dtype=torch.float64)
     n_tok = torch.zeros(n_rows, dtype=torch.long)
     probs = []
-    for i in range(0, enc.input_ids.shape[0], batch_size):
+    for i in range(0, len(enc), batch_size):
         sl = slice(i, i + batch_size)
-        x, lengths = enc.input_ids[sl].to(device), enc.lengths[sl].to(device)
+        b = enc.take(sl)
+        x, lengths = b.input_ids.to(device), b.lengths.to(device)
         ex = enc.example[sl]
         if task == "lm":
-            y = enc.targets[sl].to(device)
+            y = b.targets.to(device)
             logits = run.model(x)
             tok_nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100,
                                       reduction="none")  # [B, T]

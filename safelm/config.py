@@ -61,6 +61,10 @@ class DataConfig:
     text_mode: str = "auto"  # .txt only: lines (one example a line) | running (blank-line paragraphs)
     empty_group: str = "unknown"  # unknown: empty group values become "unknown" | error
     labels: list[str] = field(default_factory=list)  # classification: resolved, sorted label names
+    # Token files (safelm/tokencache.py): "" = $SAFELM_CACHE_DIR or ~/.cache/safelm/tokens;
+    # "none" = a temporary dir removed at exit. They hold the training data in token form.
+    cache_dir: str = ""
+    tokenizer_sample: int = 20_000_000  # BPE trains on at most this many training characters
 
 
 @dataclass
@@ -78,6 +82,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # optimizer steps between resume checkpoints (and every epoch end)
     log_every: int = 10  # optimizer steps between metrics.jsonl step records
     eval_batch_size: int = 64
+    # Evaluate on at most this many blocks of each split (0: all): a fixed random subset,
+    # the same at every evaluation, for corpora whose val/test splits take long to score
+    eval_blocks: int = 0
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: str = "auto"  # auto (bar on a terminal only) | on | off
@@ -225,6 +232,11 @@ class Config:
         _choice("data.format", d.format, ("auto", "csv", "jsonl", "txt"))
         _choice("data.text_mode", d.text_mode, ("auto", "lines", "running"))
         _choice("data.empty_group", d.empty_group, ("unknown", "error"))
+        if t.eval_blocks < 0:
+            raise ConfigError(f"train.eval_blocks={t.eval_blocks} must be >= 0 (0: all blocks)")
+        if d.tokenizer_sample < 1:
+            raise ConfigError(f"data.tokenizer_sample={d.tokenizer_sample} must be >= 1 "
+                              "(characters of training text the tokenizer learns from)")
         if any(not c.strip() for c in d.text_cols):
             raise ConfigError("data.text_cols has an empty column name; list the columns, "
                               "e.g. --text-cols age,job,income")

@@ -20,11 +20,11 @@ Decisions (documented in the README):
 from __future__ import annotations
 
 import difflib
-import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,10 @@ UNKNOWN_GROUP = "unknown"
 
 
 # ---- reading ------------------------------------------------------------------------------
+CHUNK_BYTES = 4 << 20  # text read per piece when streaming a .txt/.jsonl file
+CHUNK_ROWS = 50_000  # rows per piece when streaming a .csv file
+
+
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     try:
@@ -48,6 +52,28 @@ def _decode(path: Path) -> str:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
                         "re-save the file as UTF-8") from None
+
+
+def _pieces(path: Path, chunk_bytes: int) -> Iterator[str]:
+    """The file's text in pieces that each end at a line break, decoded as UTF-8 (a leading
+    byte-order mark dropped), so that no line is split across two pieces."""
+    line = 1
+    with open(path, "rb") as f:
+        first = True
+        while True:
+            raw = f.read(chunk_bytes)
+            if not raw:
+                return
+            raw += f.readline()  # finish the line the read stopped in
+            try:
+                text = raw.decode("utf-8-sig" if first else "utf-8")
+            except UnicodeDecodeError as e:
+                at = line + raw[: e.start].count(b"\n")
+                raise DataError(f"{path}: line {at} is not valid UTF-8 (byte "
+                                f"0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
+            line += raw.count(b"\n")
+            first = False
+            yield text
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -62,64 +88,114 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
                     ".txt, or pass --set data.format=csv|jsonl|txt")
 
 
-def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
-    records = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {i} is not valid JSON ({e.msg}); "
-                            "each line must be one JSON object") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}: line {i} is JSON but not an object; each line must be "
-                            'an object such as {"text": "...", "label": "..."}')
-        records.append(obj)
-    return pd.DataFrame.from_records(records)
+def _iter_jsonl(path: Path, chunk_bytes: int) -> Iterator[pd.DataFrame]:
+    """Records in pieces; a column that appears in an earlier piece and not in a later one is
+    empty there (as it would be in one table)."""
+    i, seen = 0, []
+    for piece in _pieces(path, chunk_bytes):
+        records = []
+        lines = piece.split("\n")
+        for line in lines[:-1] if piece.endswith("\n") else lines:
+            i += 1
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i} is not valid JSON ({e.msg}); "
+                                "each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {i} is JSON but not an object; each line must "
+                                'be an object such as {"text": "...", "label": "..."}')
+            records.append(obj)
+        if records:
+            df = pd.DataFrame.from_records(records)
+            seen += [c for c in df.columns if c not in seen]
+            yield df.reindex(columns=seen)
 
 
-def _read_txt(text: str, mode: str, text_col: str) -> pd.DataFrame:
-    lines = text.strip().splitlines()
-    if mode == "auto":
-        mode = "running" if any(not ln.strip() for ln in lines) else "lines"
-    if mode == "lines":
-        parts = [ln.strip() for ln in lines]
-    else:  # a paragraph ends at any blank (or whitespace-only) line
-        parts, cur = [], []
-        for ln in lines + [""]:
+def _txt_mode(path: Path, chunk_bytes: int) -> str:
+    """``running`` if a blank line separates two non-blank ones anywhere, else ``lines``."""
+    content = blank = False
+    for piece in _pieces(path, chunk_bytes):
+        for ln in piece.splitlines():
             if ln.strip():
-                cur.append(ln.strip())
-            elif cur:
+                if blank:
+                    return "running"
+                content = True
+            elif content:
+                blank = True
+    return "lines"
+
+
+def _iter_txt(path: Path, mode: str, text_col: str, chunk_bytes: int) -> Iterator[pd.DataFrame]:
+    if mode == "auto":
+        mode = _txt_mode(path, chunk_bytes)
+    cur: list[str] = []
+    for piece in _pieces(path, chunk_bytes):
+        parts = []
+        for ln in piece.splitlines():
+            ln = ln.strip()
+            if mode == "lines":
+                if ln:
+                    parts.append(ln)
+            elif ln:
+                cur.append(ln)
+            elif cur:  # a paragraph ends at any blank (or whitespace-only) line
                 parts.append(" ".join(" ".join(cur).split()))
                 cur = []
-    return pd.DataFrame({text_col: [p for p in parts if p]})
+        parts = [p for p in parts if p]
+        if parts:
+            yield pd.DataFrame({text_col: parts})
+    if cur:
+        last = " ".join(" ".join(cur).split())
+        if last:
+            yield pd.DataFrame({text_col: [last]})
 
 
-def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
-    """The file's rows as a DataFrame of strings (no column checks yet)."""
+def _iter_csv(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                             chunksize=chunk_rows, encoding="utf-8-sig")
+        yield from reader
+    except pd.errors.EmptyDataError:
+        return
+    except UnicodeDecodeError:
+        _decode(path)  # raises the DataError naming the line
+        raise
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: not a valid CSV file ({str(e).strip()})") from None
+
+
+def iter_tables(path: str | Path, cfg: DataConfig, *, chunk_bytes: int = CHUNK_BYTES,
+                chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The file's rows as DataFrames of strings, piece by piece, so a file larger than memory
+    can be read (no column checks yet; a file with no rows is a DataError)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file; check the path given to --data")
     if p.is_dir():
         raise DataError(f"{p}: is a directory; --data takes a .csv, .jsonl or .txt file")
     fmt = detect_format(p, cfg.format)
-    text = _decode(p)
     if fmt == "csv":
-        sep = "\t" if p.suffix.lower() == ".tsv" else ","
-        try:
-            df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            df = pd.DataFrame()
-        except pd.errors.ParserError as e:
-            raise DataError(f"{p}: not a valid CSV file ({str(e).strip()})") from None
+        it = _iter_csv(p, chunk_rows)
     elif fmt == "jsonl":
-        df = _read_jsonl(p, text)
+        it = _iter_jsonl(p, chunk_bytes)
     else:
-        df = _read_txt(text, cfg.text_mode, cfg.text_col)
-    if len(df) == 0:
+        it = _iter_txt(p, cfg.text_mode, cfg.text_col, chunk_bytes)
+    any_rows = False
+    for df in it:
+        if len(df):
+            any_rows = True
+            yield df
+    if not any_rows:
         raise DataError(f"{p}: contains no examples; give a file with at least one row")
-    return df
+
+
+def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
+    """The file's rows as one DataFrame of strings (no column checks yet)."""
+    return pd.concat(list(iter_tables(path, cfg)), ignore_index=True)
 
 
 def _require(df: pd.DataFrame, col: str, path: Path, option: str) -> None:
@@ -151,31 +227,55 @@ def _row_texts(df: pd.DataFrame, cfg: DataConfig, path: Path, task: str) -> pd.S
     return table_texts(df, list(cfg.text_cols)).astype(str)
 
 
+def iter_rows(path: str | Path, cfg: DataConfig, task: str, **chunking) -> Iterator[pd.DataFrame]:
+    """Normalized rows piece by piece: example_id, text, [label], [user], [split], groups.
+
+    Row numbers in errors and generated example ids count from the file's first row, as if it
+    were read whole. Duplicate ids across pieces are checked by the caller (:func:`load_rows`,
+    or ``safelm.tokencache``), which sees all the ids.
+    """
+    p = Path(path)
+    first = 0
+    for df in iter_tables(p, cfg, **chunking):
+        yield _normalize(df, cfg, task, p, first)
+        first += len(df)
+
+
+def check_unique_ids(ids: pd.Series, path: str | Path, cfg: DataConfig) -> None:
+    dup = ids.duplicated()
+    if dup.any():
+        raise DataError(f"{path}: example id {ids[dup].iloc[0]!r} appears twice in column "
+                        f"{cfg.id_col!r}; ids must be unique")
+
+
 def load_rows(path: str | Path, cfg: DataConfig, task: str) -> pd.DataFrame:
     """Read a file into normalized rows: example_id, text, [label], [user], [split], groups."""
-    p = Path(path)
-    df = read_table(p, cfg)
+    rows = pd.concat(list(iter_rows(path, cfg, task)), ignore_index=True)
+    check_unique_ids(rows["example_id"], path, cfg)
+    return rows
+
+
+def _normalize(df: pd.DataFrame, cfg: DataConfig, task: str, p: Path,
+               first: int) -> pd.DataFrame:
+    """One piece of the file as normalized rows; ``first`` is its first row's index."""
     text = _row_texts(df, cfg, p, task)
-    out = pd.DataFrame({"example_id": (_as_str(df[cfg.id_col]) if cfg.id_col in df.columns
-                                       else pd.Series([str(i) for i in range(len(df))])),
-                        "text": text.reset_index(drop=True)})
-    if out["example_id"].duplicated().any():
-        dup = out["example_id"][out["example_id"].duplicated()].iloc[0]
-        raise DataError(f"{p}: example id {dup!r} appears twice in column {cfg.id_col!r}; "
-                        "ids must be unique")
+    out = pd.DataFrame({"example_id": (_as_str(df[cfg.id_col]).values if cfg.id_col in df.columns
+                                       else [str(i) for i in range(first, first + len(df))]),
+                        "text": text.values})
     if task == "classify":
         _require(df, cfg.label_col, p, "--label-col")
         labels = _as_str(df[cfg.label_col]).str.strip()
         missing = np.flatnonzero(labels.values == "")
         if len(missing):
             raise DataError(f"{p}: {len(missing)} row(s) have no label in column "
-                            f"{cfg.label_col!r} (first: row {missing[0] + 1}); fill or drop them")
+                            f"{cfg.label_col!r} (first: row {first + missing[0] + 1}); fill or "
+                            "drop them")
         out["label"] = labels.values
     if cfg.user_col:
         _require(df, cfg.user_col, p, "--user-col")
         users = _as_str(df[cfg.user_col]).str.strip()
         if (users == "").any():
-            row = int(np.flatnonzero(users.values == "")[0]) + 1
+            row = first + int(np.flatnonzero(users.values == "")[0]) + 1
             raise DataError(f"{p}: row {row} has no user in column {cfg.user_col!r}; "
                             "every row needs a user when --user-col is set")
         out["user"] = users.values
@@ -191,32 +291,38 @@ def load_rows(path: str | Path, cfg: DataConfig, task: str) -> pd.DataFrame:
         values = _as_str(df[col]).str.strip()
         if (values == "").any():
             if cfg.empty_group == "error":
-                row = int(np.flatnonzero(values.values == "")[0]) + 1
+                row = first + int(np.flatnonzero(values.values == "")[0]) + 1
                 raise DataError(f"{p}: row {row} has an empty value in group column {col!r}; "
                                 "fill it or use --set data.empty_group=unknown")
             values = values.replace("", UNKNOWN_GROUP)
         out[col] = values.values
-    return out.reset_index(drop=True)
+    return out
 
 
 # ---- splitting ----------------------------------------------------------------------------
+def split_assignment(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> np.ndarray:
+    """Each row's split (``train``/``val``/``test``): a seeded permutation of examples, or of
+    users when there is a user column; a ``split`` column decides instead when present.
+    Needs only the rows' ids, users and split column (not their text)."""
+    if "split" in rows.columns:
+        return rows["split"].to_numpy()
+    units = rows["user"].to_numpy() if "user" in rows.columns else np.arange(len(rows))
+    uniq = np.unique(units)
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    n_val, n_test = int(round(cfg.val_frac * len(uniq))), int(round(cfg.test_frac * len(uniq)))
+    if len(uniq) >= 3:  # keep at least one unit for each non-empty fraction
+        n_val = max(n_val, 1 if cfg.val_frac > 0 else 0)
+        n_test = max(n_test, 1 if cfg.test_frac > 0 else 0)
+    which = np.empty(len(uniq), dtype=object)
+    which[order] = "train"
+    which[order[:n_val]] = "val"
+    which[order[n_val:n_val + n_test]] = "test"
+    return which[np.searchsorted(uniq, units)]
+
+
 def split_rows(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
     """Deterministic train/val/test split; by user when there is a user column."""
-    if "split" in rows.columns:
-        assign = rows["split"].to_numpy()
-    else:
-        units = rows["user"].to_numpy() if "user" in rows.columns else np.arange(len(rows))
-        uniq = np.unique(units)
-        order = np.random.default_rng(seed).permutation(len(uniq))
-        n_val, n_test = int(round(cfg.val_frac * len(uniq))), int(round(cfg.test_frac * len(uniq)))
-        if len(uniq) >= 3:  # keep at least one unit for each non-empty fraction
-            n_val = max(n_val, 1 if cfg.val_frac > 0 else 0)
-            n_test = max(n_test, 1 if cfg.test_frac > 0 else 0)
-        which = np.empty(len(uniq), dtype=object)
-        which[order] = "train"
-        which[order[:n_val]] = "val"
-        which[order[n_val:n_val + n_test]] = "test"
-        assign = which[np.searchsorted(uniq, units)]
+    assign = split_assignment(rows, cfg, seed)
     parts = {s: rows[assign == s].reset_index(drop=True) for s in SPLITS}
     if len(parts["train"]) == 0:
         raise DataError("the training split is empty; give more rows or lower "
@@ -225,20 +331,72 @@ def split_rows(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> dict[str, pd.D
 
 
 # ---- token blocks -------------------------------------------------------------------------
-@dataclass
-class Encoded:
-    """What a model consumes; row ``i`` of each tensor is one block.
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned type for ids below ``vocab_size`` (nanoGPT stores uint16)."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
-    ``example`` maps each block back to its row, so per-example scores (the predictions
-    table, membership audits) can sum over a long example's blocks.
+
+def encode_texts(tokenizer, texts: list[str], lm: bool,
+                 dtype: np.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each text as one token sequence, all concatenated: ``<bos> text <eos>`` (LM) or
+    ``<bos> text`` (classify, untruncated; blocks cut it). Returns (tokens, per-row lengths).
+    HF ``tokenizers`` encodes the batch in parallel."""
+    dtype = dtype or token_dtype(tokenizer.vocab_size)
+    ids = tokenizer.encode_batch(texts)
+    body = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+    lengths = body + (2 if lm else 1)
+    ends = np.cumsum(lengths)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    starts = ends - lengths
+    keep = np.ones(len(out), dtype=bool)
+    out[starts], keep[starts] = tokenizer.bos_id, False
+    if lm:
+        out[ends - 1], keep[ends - 1] = tokenizer.eos_id, False
+    out[keep] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
+                            count=int(body.sum()))
+    return out, lengths
+
+
+class TokenStore:
+    """Token ids addressed as one flat sequence made of parts: memory-mapped token files
+    (``safelm.tokencache``) and in-memory arrays (rows encoded on the fly, canaries)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = list(parts)
+        self.bounds = np.cumsum([0] + [len(x) for x in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def gather(self, pos: np.ndarray) -> np.ndarray:
+        """``tokens[pos]`` as int64 for an array of positions (reads only those pages)."""
+        if len(self.parts) == 1:
+            return self.parts[0][pos].astype(np.int64)
+        out = np.empty(pos.shape, dtype=np.int64)
+        for part, lo, hi in zip(self.parts, self.bounds[:-1], self.bounds[1:]):
+            m = (pos >= lo) & (pos < hi)
+            if m.any():
+                out[m] = part[pos[m] - lo]
+        return out
+
+
+def block_index(row_lengths: np.ndarray, block_size: int,
+                lm: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, row) of every block over rows stored back to back.
+
+    LM: a row of L tokens (``<bos> text <eos>``) gives ceil((L-1)/T) windows of up to T inputs
+    whose targets are the next tokens, so blocks never mix rows and one example's influence
+    stays in its own blocks (which per-example and per-user privacy need). Classify: one block
+    per row, its first T tokens; the model reads the label off the last real token.
     """
-
-    input_ids: torch.Tensor  # [N, T] int64, padded with pad_id
-    targets: torch.Tensor  # [N, T] LM: next token or -100 at padding; classify: unused [N, 0]
-    lengths: torch.Tensor  # [N] real tokens in input_ids
-    labels: torch.Tensor  # [N] class ids (classify) or -1 (lm)
-    example: torch.Tensor  # [N] row index in the source table
-    weights: torch.Tensor | None = None  # [N] loss weight per block (train.reweight) or None
+    T, L = block_size, np.asarray(row_lengths, dtype=np.int64)
+    offsets = np.cumsum(L) - L
+    if not lm:
+        return offsets, np.minimum(L, T), np.arange(len(L))
+    per_row = (L - 1 + T - 1) // T
+    row = np.repeat(np.arange(len(L)), per_row)
+    k = np.arange(len(row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    return offsets[row] + k * T, np.minimum(T, L[row] - 1 - k * T), row
 
 
 class Batch(NamedTuple):
@@ -263,6 +421,99 @@ class Batch(NamedTuple):
         return Batch(*(None if col[0] is None else torch.stack(col) for col in zip(*items)))
 
 
+@dataclass
+class Encoded:
+    """What a model consumes: blocks over a :class:`TokenStore`, built on demand.
+
+    Block ``i`` reads ``lengths[i]`` tokens from ``start[i]``; for an LM its targets are the
+    same span shifted by one. ``example`` maps each block back to its row, so per-example
+    scores (the predictions table, membership audits) can sum over a long example's blocks.
+    Nothing holds all blocks at once: a memory-mapped store keeps a corpus on disk.
+    """
+
+    tokens: TokenStore
+    start: np.ndarray  # [N] int64 position of each block's first input token
+    lengths: torch.Tensor  # [N] real tokens per block
+    labels: torch.Tensor  # [N] class ids (classify) or -1 (lm)
+    example: torch.Tensor  # [N] row index in the source table
+    block_size: int
+    pad_id: int
+    lm: bool
+    weights: torch.Tensor | None = None  # [N] loss weight per block (train.reweight) or None
+
+    @classmethod
+    def from_rows(cls, tokens: TokenStore, row_lengths: np.ndarray, labels: np.ndarray | None,
+                  block_size: int, pad_id: int, lm: bool) -> Encoded:
+        """Blocks over rows stored back to back in ``tokens`` (``labels``: per row, classify)."""
+        start, n, row = block_index(row_lengths, block_size, lm)
+        lab = (torch.full((len(row),), -1, dtype=torch.long) if lm
+               else torch.as_tensor(np.asarray(labels, dtype=np.int64)[row]))
+        return cls(tokens, start, torch.as_tensor(n), lab, torch.as_tensor(row), block_size,
+                   pad_id, lm)
+
+    @classmethod
+    def from_tensors(cls, input_ids: torch.Tensor, targets: torch.Tensor,
+                     lengths: torch.Tensor, labels: torch.Tensor, example: torch.Tensor,
+                     pad_id: int = 0) -> Encoded:
+        """From ready blocks (tests, callers that build blocks themselves). LM blocks
+        (``targets`` as wide as the inputs) must hold next-token targets."""
+        N, T = input_ids.shape
+        lm = targets.shape[1] == T and T > 0
+        n = lengths.tolist()
+        seqs = [torch.cat([input_ids[i, :n[i]], targets[i, n[i] - 1:n[i]]]) if lm
+                else input_ids[i, :n[i]] for i in range(N)]
+        if lm and any(not torch.equal(input_ids[i, 1:n[i]], targets[i, :n[i] - 1])
+                      for i in range(N)):
+            raise ValueError("LM targets must be the inputs shifted by one token")
+        flat = torch.cat(seqs).numpy() if N else np.zeros(0, dtype=np.int64)
+        width = np.asarray([len(x) for x in seqs], dtype=np.int64)
+        return cls(TokenStore([flat]), np.cumsum(width) - width, lengths.clone(), labels.clone(),
+                   example.clone(), T, pad_id, lm)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def blocks(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [B, T], targets [B, T] or [B, 0]) of the blocks at ``idx``."""
+        start = np.atleast_1d(self.start[idx])
+        n = np.atleast_1d(self.lengths.numpy()[idx])
+        ar = np.arange(self.block_size)
+        pos = start[:, None] + ar
+        valid = ar < n[:, None]
+        x = np.where(valid, self.tokens.gather(np.where(valid, pos, 0)), self.pad_id)
+        if not self.lm:
+            return torch.from_numpy(x), torch.zeros((len(start), 0), dtype=torch.long)
+        y = np.where(valid, self.tokens.gather(np.where(valid, pos + 1, 0)), -100)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def take(self, idx) -> Batch:
+        """The blocks at ``idx`` (a slice or an index array) as one batch."""
+        x, y = self.blocks(idx)
+        return Batch(x, y, self.lengths[idx], self.labels[idx],
+                     None if self.weights is None else self.weights[idx])
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """All blocks' inputs [N, T], materialized: for small sets and tests."""
+        return self.blocks(slice(None))[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """All blocks' targets, materialized: for small sets and tests."""
+        return self.blocks(slice(None))[1]
+
+    def extend(self, other: Encoded, rows: int) -> Encoded:
+        """This set (of ``rows`` rows) followed by ``other``'s blocks, whose ``example``
+        indices continue after those rows: how canary rows join a memory-mapped train split
+        without being written to the token cache."""
+        tokens = TokenStore(self.tokens.parts + other.tokens.parts)
+        return Encoded(tokens, np.concatenate([self.start, other.start + len(self.tokens)]),
+                       torch.cat([self.lengths, other.lengths]),
+                       torch.cat([self.labels, other.labels]),
+                       torch.cat([self.example, other.example + rows]), self.block_size,
+                       self.pad_id, self.lm)
+
+
 class BlockDataset(Dataset):
     """:class:`Batch` items over an :class:`Encoded`, one per block; ``weights`` is the
     block's loss weight when the encoding carries weights (``train.reweight``)."""
@@ -271,53 +522,31 @@ class BlockDataset(Dataset):
         self.enc = enc
 
     def __len__(self) -> int:
-        return self.enc.input_ids.shape[0]
+        return len(self.enc)
 
     def __getitem__(self, i: int) -> Batch:
         e = self.enc
-        return Batch(e.input_ids[i], e.targets[i], e.lengths[i], e.labels[i],
+        x, y = e.blocks(i)
+        return Batch(x[0], y[0], e.lengths[i], e.labels[i],
                      None if e.weights is None else e.weights[i])
+
+
+def label_ids(rows: pd.DataFrame, labels: list[str] | None) -> np.ndarray:
+    """Class ids of the rows' labels; a label the training data lacks is a DataError."""
+    index = {name: i for i, name in enumerate(labels or [])}
+    unknown = sorted(set(rows["label"]) - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown[:5]} do not occur in the training data "
+                        f"(known: {', '.join(index)}); they cannot be predicted")
+    return np.fromiter((index[v] for v in rows["label"]), dtype=np.int64, count=len(rows))
 
 
 def encode_rows(rows: pd.DataFrame, tokenizer, block_size: int, task: str,
                 labels: list[str] | None = None) -> Encoded:
-    """Tokenize rows into fixed-length blocks.
-
-    LM: each row becomes ``<bos> text <eos>``, cut into windows of ``block_size`` inputs with
-    their next-token targets (a long row gives several blocks; padding at the end is ignored
-    by the loss). Blocks never mix rows, so one example's influence stays in its own blocks,
-    which per-example and per-user privacy need. Classify: ``<bos> text`` truncated to
-    ``block_size``; the model reads the label off the last real token.
-    """
-    ids = tokenizer.encode_batch(list(rows["text"]))
-    pad, bos, eos = tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
-    blocks, targets, lengths, example = [], [], [], []
-    T = block_size
-    if task == "lm":
-        for r, seq in enumerate(ids):
-            s = [bos] + seq + [eos]
-            for start in range(0, len(s) - 1, T):
-                x, y = s[start:start + T], s[start + 1:start + T + 1]
-                n = len(y)
-                blocks.append(x[:n] + [pad] * (T - n))
-                targets.append(y + [-100] * (T - n))
-                lengths.append(n)
-                example.append(r)
-        lab = torch.full((len(blocks),), -1, dtype=torch.long)
-        tgt = torch.tensor(targets, dtype=torch.long)
-    else:
-        index = {name: i for i, name in enumerate(labels or [])}
-        unknown = sorted(set(rows["label"]) - set(index))
-        if unknown:
-            raise DataError(f"labels {unknown[:5]} do not occur in the training data "
-                            f"(known: {', '.join(index)}); they cannot be predicted")
-        for r, seq in enumerate(ids):
-            s = ([bos] + seq)[:T]
-            blocks.append(s + [pad] * (T - len(s)))
-            lengths.append(len(s))
-            example.append(r)
-        lab = torch.tensor([index[v] for v in rows["label"]], dtype=torch.long)
-        tgt = torch.zeros((len(blocks), 0), dtype=torch.long)
-    return Encoded(input_ids=torch.tensor(blocks, dtype=torch.long).reshape(-1, T),
-                   targets=tgt, lengths=torch.tensor(lengths, dtype=torch.long),
-                   labels=lab, example=torch.tensor(example, dtype=torch.long))
+    """Tokenize rows (in memory) into fixed-length blocks; see :func:`block_index` for how
+    rows become blocks. ``safelm.tokencache`` builds the same blocks over token files."""
+    lm = task == "lm"
+    lab = None if lm else label_ids(rows, labels)
+    tokens, lengths = encode_texts(tokenizer, list(rows["text"]), lm)
+    return Encoded.from_rows(TokenStore([tokens]), lengths, lab, block_size,
+                             tokenizer.pad_id, lm)

@@ -59,6 +59,11 @@ class Tokenizer:
         self.hf.save(tmp)
         os.replace(tmp, path)
 
+    def sha256(self) -> str:
+        """Hash of the tokenizer's JSON (what it encodes with): part of token-cache keys."""
+        import hashlib
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
+
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
@@ -67,7 +72,11 @@ class Tokenizer:
         return self.hf.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts))]
+        """Ids of each text, encoded in parallel. ``encode_batch_fast`` skips the character
+        offsets, which SafeLM never reads: same ids, less time and memory (4.3 MB of text:
+        1.6 s and +190 MB instead of 2.2 s and +244 MB; docs/platform-notes.md)."""
+        fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
+        return [e.ids for e in fast(list(texts))]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

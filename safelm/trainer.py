@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from . import monitor, rundir
@@ -335,6 +336,11 @@ class Trainer:
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Loss (+ perplexity for LM, accuracy and macro-F1 for classification)."""
         dataset = dataset if dataset is not None else self.val_set
+        cap = self.cfg.eval_blocks
+        if dataset is not None and 0 < cap < len(dataset):  # the same subset every time
+            keep = np.sort(np.random.default_rng(self.cfg.seed).choice(len(dataset), cap,
+                                                                       replace=False))
+            dataset = Subset(dataset, keep.tolist())
         return evaluate_model(self.model, dataset, self.task, self.cfg.eval_batch_size,
                               self.num_classes, self.device)
 

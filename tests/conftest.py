@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Token files (safelm/tokencache.py) go to one temporary cache for the session, which
+# subprocesses inherit, rather than the user's ~/.cache
+os.environ.setdefault("SAFELM_CACHE_DIR", tempfile.mkdtemp(prefix="safelm-test-tokens-"))
 
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
         "model.vocab_size=300", "model.dropout=0.1", "train.batch_size=8", "train.warmup_steps=2",

@@ -329,6 +329,7 @@ class FakeTokenizer:
     """Texts are space-separated integer token ids: an encoding the test fully controls."""
 
     pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 1000
 
     def encode_batch(self, texts):
         return [[int(t) for t in s.split()] for s in texts]

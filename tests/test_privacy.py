@@ -196,7 +196,8 @@ def test_empty_poisson_batches_do_not_crash_and_are_accounted(tmp_path, arch):
     torch.manual_seed(0)
     model = build_model(cfg, "classify")
     x, y, lengths, labels = make_batch(4, "classify")
-    enc = Encoded(x, torch.zeros(4, 0, dtype=torch.long), lengths, labels, torch.arange(4))
+    enc = Encoded.from_tensors(x, torch.zeros(4, 0, dtype=torch.long), lengths, labels,
+                               torch.arange(4))
     tcfg = Config.load(None, ["train.task=classify", "train.epochs=10", "train.batch_size=1",
                               "train.progress=off"]).train
     pcfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1e-3)

@@ -50,7 +50,8 @@ def _trainer(arch: str, physical: int, n: int = 40, batch_size: int = 8, noise: 
                                     vocab_size=V, dropout=0.0, num_classes=3), "classify")
     model = model.double()
     x, y, lengths, labels = make_batch(n, "classify", seed=4)
-    enc = Encoded(x, torch.zeros(n, 0, dtype=torch.long), lengths, labels, torch.arange(n))
+    enc = Encoded.from_tensors(x, torch.zeros(n, 0, dtype=torch.long), lengths, labels,
+                               torch.arange(n))
     tcfg = Config.load(None, ["train.task=classify", f"train.epochs={epochs}",
                               f"train.batch_size={batch_size}", "train.progress=off"]).train
     pcfg = PrivacyConfig(enabled=True, noise_multiplier=noise, max_grad_norm=clip, delta=1e-3,
