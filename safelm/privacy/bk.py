@@ -15,8 +15,11 @@ How the work is arranged, and why:
   d_out); layers fed the same input, like Q, K and V, share one ``A A^T``) or the
   materialized per-sample gradient (cost ~ T d_in d_out). Embeddings use the ghost identity
   with the Gram of one-hot rows (token equality).
-* Only what the final clipped-sum GEMM needs is kept until the clip factors are known: ``A``
-  and ``G`` of Linear weights and Embeddings. ``A`` is the tensor the forward pass made
+* Only what the final clipped sum needs is kept until the clip factors are known: ``A``
+  and ``G`` of Linear weights and Embeddings, or, for a Linear weight whose per-sample
+  gradient was materialized (long contexts: S > d), that gradient itself, whose clipped sum
+  is then a weighted sum over samples instead of a GEMM over all positions (Opacus' ``ew``
+  mode does the same). ``A`` is the tensor the forward pass made
   anyway (no copy). Biases and LayerNorm parameters are small, so their per-sample gradients
   ([B, d]) are formed in the hook and the layer's ``G`` (and a LayerNorm's input) is dropped
   at once, as ordinary backpropagation would drop it.
@@ -117,8 +120,27 @@ def supports(model: nn.Module) -> bool:
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample inner product of two [U, ...] tensors (one pass, no product tensor)."""
-    return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+    """Per-sample inner product of two [U, ...] tensors. ``vecdot`` multiplies, then sums (two
+    passes and a temporary); a squared norm is one pass and ``einsum`` a batched dot, about
+    2x faster on CPU for [32, 65536] (13 and 15 ms vs 32 ms on a loaded machine)."""
+    x2 = x.reshape(x.shape[0], -1)
+    if y is x:
+        return torch.linalg.vector_norm(x2, dim=1).square()
+    return torch.einsum("ui,ui->u", x2, y.reshape(y.shape[0], -1))
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 if it is a half-precision float (bf16/fp16), else unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _per_unit_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each unit's weight gradient ``g_u^T a_u``, [U, d_out, d_in] contiguous. The product
+    with the fewer result rows runs ~2x faster on CPU (MKL, U 32, S 256, d 128 -> 512: 13 vs
+    29 ms), so A^T G is formed and transposed when d_in < d_out (the copy is U d_in d_out)."""
+    if a.shape[-1] < g.shape[-1]:
+        return torch.bmm(a.transpose(1, 2), g).transpose(1, 2).contiguous()
+    return torch.bmm(g.transpose(1, 2), a)
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -189,6 +211,11 @@ class BKGradSampleModule(nn.Module):
         # Trainable parameters only (tied weights counted once); frozen ones are left alone.
         self._params = list(dict.fromkeys(p for p in module.parameters() if p.requires_grad))
         self._trainable = set(self._params)
+        owners: dict[nn.Parameter, int] = {}
+        for m in module.modules():
+            for p in _trainable_own(m):
+                owners[p] = owners.get(p, 0) + 1
+        self._shared = {p for p, k in owners.items() if k > 1}  # tied: cross terms needed
         self.last_norms: torch.Tensor | None = None  # per-sample norms of the last step
         # User-level DP: consecutive groups of `rows_per_unit` rows are one privacy unit, whose
         # clipped gradient is the gradient of the sum of its rows' losses.
@@ -211,6 +238,7 @@ class BKGradSampleModule(nn.Module):
         self._small: dict[nn.Parameter, torch.Tensor] = {}  # per-unit grads [U, *p.shape]
         self._kept: dict[nn.Parameter, list[_Kept]] = {}
         self._ln_stats: dict[nn.Module, tuple | None] = {}  # LayerNorm (mean, rstd) saved
+        self._casts: dict[tuple, torch.Tensor] = {}  # fp32 copies of half-precision inputs
 
     def remove_hooks(self) -> None:
         """Detach from the model (e.g. before wrapping it again)."""
@@ -236,6 +264,13 @@ class BKGradSampleModule(nn.Module):
             raise RuntimeError(f"{type(module).__name__} called twice in one forward pass; "
                                "use grad_sample_mode=hooks for this model")
         a = inputs[0].detach()  # same storage as the forward's tensor: no copy
+        if a.dtype in (torch.bfloat16, torch.float16):
+            # Mixed precision (train.precision=bf16): norms, Grams and the clipped sum are
+            # computed in fp32, from one fp32 copy per input (Q, K and V still share it)
+            k = _key(a)
+            a = self._casts.get(k)
+            if a is None:
+                a = self._casts[k] = inputs[0].detach().float()
         self._rows = a.shape[0]
         self._inputs[module] = a
         rule = CLIP_RULES[type(module)]
@@ -262,6 +297,7 @@ class BKGradSampleModule(nn.Module):
             new = None
             if not g.is_contiguous():
                 g = new = g.contiguous()
+            g = _fp32(g)  # bf16 autocast: see _capture; autograd keeps its own gradient
             CLIP_RULES[type(module)].on_grad(self, module, a, g)
         return new
 
@@ -334,6 +370,13 @@ class BKGradSampleModule(nn.Module):
         self._norm2 = norm2 if self._norm2 is None else self._norm2 + norm2
 
     def _add_kept(self, p: nn.Parameter, c: _Kept) -> None:
+        if c.kind == "linear" and p not in self._shared and self._materialize(c):
+            # Long contexts (S > d): keep the per-unit gradient itself, as Opacus' ew mode
+            # does, instead of A and G. The clipped sum is then a weighted sum over units
+            # (U d_in d_out) rather than a GEMM over all U*S rows (S times more work), and A
+            # and G are released now; at S > d the gradient is also the smaller of the two.
+            self._add_small(p, _per_unit_grad(c.a, c.g))
+            return
         norm2 = self._self_norm2(c)  # None: deferred to the shared input's last user
         for other in self._kept.get(p, []):  # shared parameter: cross terms
             cross = 2 * self._cross(other, c)
@@ -359,9 +402,7 @@ class BKGradSampleModule(nn.Module):
         if S == 1:  # rank one: ||g a^T|| = ||g|| ||a||
             return _dot(A, A) * _dot(G, G)
         share = self._uses.get(c.key, 1)
-        # Ghost unless materializing is clearly cheaper: batched G^T A with a transposed
-        # operand runs far below GEMM speed on CPU, and its dot product is d_in/S times longer.
-        if S * S * (d_out + d_in / share) <= S * d_in * d_out:  # ghost norm
+        if not self._materialize(c):  # ghost norm
             gram = self._grams.get(c.key)
             if gram is None:
                 gram = torch.bmm(A, A.transpose(1, 2))
@@ -377,8 +418,17 @@ class BKGradSampleModule(nn.Module):
             else:
                 acc.baddbmm_(G, G.transpose(1, 2))
             return None
-        per_sample = torch.bmm(G.transpose(1, 2), A)  # [U, d_out, d_in]
+        per_sample = _per_unit_grad(A, G)
         return _dot(per_sample, per_sample)
+
+    def _materialize(self, c: _Kept) -> bool:
+        """Per-unit gradient G^T A (cost ~ S d_in d_out) rather than the ghost norm (cost ~
+        S^2 (d_out + d_in / share), the input's Gram shared by the ``share`` layers it feeds)
+        only when clearly cheaper: batched G^T A with a transposed operand runs far below
+        GEMM speed on CPU. This is fastDP's per-layer choice (2T^2 vs p d)."""
+        _, S, d_in = c.a.shape
+        d_out, share = c.g.shape[-1], self._uses.get(c.key, 1)
+        return S > 1 and S * S * (d_out + d_in / share) > S * d_in * d_out
 
     @staticmethod
     def _cross(c1: _Kept, c2: _Kept) -> torch.Tensor:
