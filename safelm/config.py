@@ -86,6 +86,9 @@ class TrainConfig:
     # the same at every evaluation, for corpora whose val/test splits take long to score
     eval_blocks: int = 0
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    # fp32 | bf16: the training forward pass under torch.autocast(bfloat16); weights, optimizer
+    # state and (under DP) per-sample norms and the clipped sum stay fp32; evaluation is fp32
+    precision: str = "fp32"
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: str = "auto"  # auto (bar on a terminal only) | on | off
     # Live views of metrics.jsonl (safelm/monitor.py): TensorBoard event files in
@@ -245,6 +248,7 @@ class Config:
             raise ConfigError(f"data.text_cols names {dup[0]!r} twice; list each column once")
         _choice("train.task", t.task, ("lm", "classify"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", t.precision, ("fp32", "bf16"))
         _choice("train.progress", t.progress, ("auto", "on", "off"))
         _choice("privacy.accountant", p.accountant, ("prv", "rdp"))
         _choice("privacy.unit", p.unit, ("example", "user"))

@@ -32,6 +32,7 @@ from . import monitor, rundir
 from .config import TrainConfig
 from .data import Batch
 from .distributed import current
+from .errors import UserError
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -259,6 +260,12 @@ class Trainer:
         self.privacy: Privacy = privacy if privacy is not None else NoPrivacy(cfg.grad_clip)
         self.model, self.optimizer, self.loader = self.privacy.make_private(
             self.model, self.optimizer, self.loader)
+        mode = getattr(self.privacy, "mode", None)
+        if cfg.precision == "bf16" and mode not in (None, "bk"):
+            raise UserError(f"train.precision=bf16 under DP needs the one-backward clipping "
+                            f"(privacy.grad_sample_mode=auto or bk, a Transformer), which keeps "
+                            f"per-sample norms in fp32; this run uses {mode}: set "
+                            "train.precision=fp32")
         self.sampler = self.loader.batch_sampler
         self.steps_per_epoch = len(self.sampler)
         epochs_steps = cfg.epochs * self.steps_per_epoch
@@ -278,6 +285,12 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def _to_device(self, batch: Batch) -> Batch:
         return Batch(*batch).to(self.device)
+
+    def _autocast(self) -> torch.autocast:
+        """The training forward pass's precision (``train.precision``): bf16 autocast, or
+        a disabled autocast (fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
 
     def _progress(self, total: int, initial: int, desc: str) -> tqdm:
         mode = self.cfg.progress
@@ -306,7 +319,8 @@ class Trainer:
                 self.stop_reason = self.privacy.budget_message()
                 break
             batch = self._to_device(batch)
-            loss, n = batch_loss(self.model, batch, self.task)
+            with self._autocast():
+                loss, n = batch_loss(self.model, batch, self.task)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.privacy.before_step(self.model)
