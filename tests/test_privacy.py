@@ -25,8 +25,9 @@ from conftest import TINY
 V, T = 300, 10
 
 
-def make_batch(B: int, task: str, seed: int = 0):
+def make_batch(B: int, task: str, seed: int = 0, vocab: int = V, block: int = T):
     g = torch.Generator().manual_seed(seed)
+    V, T = vocab, block
     x = torch.randint(3, V, (B, T), generator=g)
     x[0] = 5  # repeated tokens exercise the embedding ghost norm
     y = torch.randint(3, V, (B, T), generator=g)

@@ -43,6 +43,37 @@ def test_materialized_norms_match_reference(task, rows_per_unit):
         torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-13, msg=k)
 
 
+@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("rows_per_unit", [None, 2])
+def test_materialized_tied_embedding_and_head_match_reference(task, rows_per_unit):
+    """A small vocabulary at a long context (V 20, T 16, d 8): the tied embedding/head weight
+    and every Linear are materialized per unit (the planted path: they land among the
+    per-unit gradients, not the kept (A, G) pairs), the tied weight's two contributions
+    summed without a cross term; norms and clipped sums equal the float64 reference."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, d_model=8, n_head=2, block_size=16, vocab_size=20,
+                      dropout=0.0, tie_weights=True, num_classes=3)
+    model = build_model(cfg, task).double()
+    batch = make_batch(6, task, seed=5, vocab=20, block=16)
+    ref = reference_per_sample(model, batch, task)
+    if rows_per_unit:
+        ref = {k: g.reshape(-1, rows_per_unit, *g.shape[1:]).sum(1) for k, g in ref.items()}
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    C = float(norms.median())
+    factor = (C / (norms + 1e-6)).clamp(max=1.0)
+    wrapped = BKGradSampleModule(model, C, rows_per_unit=rows_per_unit)
+    batch_loss(wrapped, batch, task)[0].backward()
+    names = {p: k for k, p in model.named_parameters()}
+    assert model.tok_emb.weight in wrapped._small
+    # nothing else took the ghost path (a classifier's head reads one position: rank one)
+    assert {names[p] for p in wrapped._kept} == (set() if task == "lm" else {"head.weight"})
+    got_norms = wrapped.clip_and_sum()
+    torch.testing.assert_close(got_norms, norms, rtol=1e-12, atol=1e-12)
+    for k, p in model.named_parameters():
+        expected = (ref[k] * factor.view(-1, *[1] * (ref[k].dim() - 1))).sum(0)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-13, msg=k)
+
+
 def _trainer(arch: str, physical: int, n: int = 40, batch_size: int = 8, noise: float = 0.0,
              clip: float = 0.05, epochs: int = 1, users=None, rows: int = 1):
     torch.manual_seed(0)

@@ -143,6 +143,14 @@ def _per_unit_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g.transpose(1, 2), a)
 
 
+def _embedding_per_unit(ids: torch.Tensor, g: torch.Tensor, V: int) -> torch.Tensor:
+    """Each unit's embedding-table gradient, [U, V, d]: its rows of ``g`` added at its ids."""
+    U, S, d = g.shape
+    out = torch.zeros(U * V, d, dtype=g.dtype, device=g.device)
+    rows = (ids + torch.arange(U, device=ids.device).view(-1, 1) * V).reshape(-1)
+    return out.index_add_(0, rows, g.reshape(-1, d)).view(U, V, d)
+
+
 def _key(t: torch.Tensor) -> tuple:
     """Identity of an activation: layers fed the same tensor (Q, K, V) share its Gram."""
     return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
@@ -239,6 +247,10 @@ class BKGradSampleModule(nn.Module):
         self._kept: dict[nn.Parameter, list[_Kept]] = {}
         self._ln_stats: dict[nn.Module, tuple | None] = {}  # LayerNorm (mean, rstd) saved
         self._casts: dict[tuple, torch.Tensor] = {}  # fp32 copies of half-precision inputs
+        # Each Linear/Embedding weight's uses in this forward pass (module, input): whether
+        # its per-unit gradient is materialized is decided over all of them (see _materialized)
+        self._plan: dict[nn.Parameter, list[tuple[nn.Module, torch.Tensor]]] = {}
+        self._decided: dict[nn.Parameter, bool] = {}
 
     def remove_hooks(self) -> None:
         """Detach from the model (e.g. before wrapping it again)."""
@@ -273,6 +285,8 @@ class BKGradSampleModule(nn.Module):
                 a = self._casts[k] = inputs[0].detach().float()
         self._rows = a.shape[0]
         self._inputs[module] = a
+        if type(module) in (nn.Linear, nn.Embedding) and self.trainable(module.weight):
+            self._plan.setdefault(module.weight, []).append((module, a))
         rule = CLIP_RULES[type(module)]
         if rule.on_forward is not None:
             rule.on_forward(self, module, a, output)
@@ -370,12 +384,14 @@ class BKGradSampleModule(nn.Module):
         self._norm2 = norm2 if self._norm2 is None else self._norm2 + norm2
 
     def _add_kept(self, p: nn.Parameter, c: _Kept) -> None:
-        if c.kind == "linear" and p not in self._shared and self._materialize(c):
+        if self._materialized(p, c):
             # Long contexts (S > d): keep the per-unit gradient itself, as Opacus' ew mode
             # does, instead of A and G. The clipped sum is then a weighted sum over units
             # (U d_in d_out) rather than a GEMM over all U*S rows (S times more work), and A
             # and G are released now; at S > d the gradient is also the smaller of the two.
-            self._add_small(p, _per_unit_grad(c.a, c.g))
+            # A tied weight's contributions are summed there: its norm needs no cross term.
+            self._add_small(p, _per_unit_grad(c.a, c.g) if c.kind == "linear"
+                            else _embedding_per_unit(c.a, c.g, p.shape[0]))
             return
         norm2 = self._self_norm2(c)  # None: deferred to the shared input's last user
         for other in self._kept.get(p, []):  # shared parameter: cross terms
@@ -421,13 +437,40 @@ class BKGradSampleModule(nn.Module):
         per_sample = _per_unit_grad(A, G)
         return _dot(per_sample, per_sample)
 
+    def _materialized(self, p: nn.Parameter, c: _Kept) -> bool:
+        """Whether ``p``'s per-unit gradient is formed and kept (all its contributions), or
+        its contributions are kept as (A, G) for ghost norms and one GEMM. Decided once per
+        step for every use of ``p`` together, so a tied weight is all one or all the other."""
+        got = self._decided.get(p)
+        if got is None:
+            plan = self._plan.get(p)
+            if plan is None:  # a contribution from a custom rule (add_gemm_pair): alone
+                return c.kind == "linear" and p not in self._shared and self._materialize(c)
+            got = self._decided[p] = all(self._cheaper_to_materialize(m, a) for m, a in plan)
+        return got
+
+    def _cheaper_to_materialize(self, module: nn.Module, a: torch.Tensor) -> bool:
+        if isinstance(module, nn.Embedding):
+            # Per unit: a [V, d] gradient (zero-filled, filled by index_add, then normed and
+            # summed: ~3 V d) against the one-hot Gram and G G^T (~S^2 d); and only when the
+            # [U, V, d] tensor is at most 4x the [U, S, d] output gradient it replaces (a
+            # GPT-2 vocabulary of 50,257 stays ghost at any context).
+            S, V = self._units(a, 0).shape[1], module.num_embeddings
+            return 3 * V <= S * S and V <= 4 * S
+        S, d_in = self._units(a, 1).shape[1:]
+        return self._cheaper(S, d_in, module.out_features, self._uses.get(_key(a), 1))
+
     def _materialize(self, c: _Kept) -> bool:
+        """Whether this Linear contribution's norm comes from its materialized gradient."""
+        _, S, d_in = c.a.shape
+        return self._cheaper(S, d_in, c.g.shape[-1], self._uses.get(c.key, 1))
+
+    @staticmethod
+    def _cheaper(S: int, d_in: int, d_out: int, share: int) -> bool:
         """Per-unit gradient G^T A (cost ~ S d_in d_out) rather than the ghost norm (cost ~
         S^2 (d_out + d_in / share), the input's Gram shared by the ``share`` layers it feeds)
         only when clearly cheaper: batched G^T A with a transposed operand runs far below
         GEMM speed on CPU. This is fastDP's per-layer choice (2T^2 vs p d)."""
-        _, S, d_in = c.a.shape
-        d_out, share = c.g.shape[-1], self._uses.get(c.key, 1)
         return S > 1 and S * S * (d_out + d_in / share) > S * d_in * d_out
 
     @staticmethod
