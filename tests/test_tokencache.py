@@ -126,8 +126,8 @@ def test_second_prepare_reuses_the_files_and_other_inputs_get_other_entries(tmp_
     assert again.record["token_cache"]["key"] == first.record["token_cache"]["key"]
     assert "tokenizer_sample" in first.record
     other_seed = prepare(data, c("train.seed=1"))
-    write_cls_csv(tmp_path / "cls2.csv", seed=1)
-    other_data = prepare(tmp_path / "cls2.csv", c())
+    write_cls_csv(data, seed=1)  # the same path, edited: a stale entry must not be read
+    other_data = prepare(data, c())
     keys = {p.record["token_cache"]["key"] for p in (first, other_seed, other_data)}
     assert len(keys) == 3 and all(not p.record["token_cache"]["reused"]
                                   for p in (other_seed, other_data))
