@@ -14,6 +14,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # Token files (safelm/tokencache.py) go to one temporary cache for the session, which
 # subprocesses inherit, rather than the user's ~/.cache
 os.environ.setdefault("SAFELM_CACHE_DIR", tempfile.mkdtemp(prefix="safelm-test-tokens-"))
+# One torch (OpenMP) thread for the session and every subprocess it starts (they inherit the
+# environment; set before any test module imports torch). Tiny models train as fast on one
+# thread, and on a shared 2-core machine two threads are many times slower: at load average
+# 4-5, test_e2e.py with OMP_NUM_THREADS=2 took 152-165 s against 36-43 s with one thread.
+# A value the caller set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
         "model.vocab_size=300", "model.dropout=0.1", "train.batch_size=8", "train.warmup_steps=2",

@@ -19,7 +19,7 @@ TINY = ["--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "MPLBACKEND": "Agg"}  # OMP_NUM_THREADS=1 from conftest
     out = subprocess.run([*SAFELM, *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr

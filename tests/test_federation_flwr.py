@@ -99,7 +99,10 @@ def test_no_call_home_defaults_yield_to_the_user(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_flwr_run_simulation_with_a_failing_and_a_hostile_client(tmp_path):
+def test_flwr_run_simulation_with_a_failing_and_a_hostile_client(tmp_path, monkeypatch):
+    # without conftest's OMP_NUM_THREADS=1, so that the clients' one thread below can only
+    # come from their CPU allotment (federation.task.configure_threads falls back to it)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = tmp_path / "global"
     cfg = (f'out-dir="{out}" model.n_layer=1 model.d_model=32 model.n_head=4 '
            'corpus-size=800 num-server-rounds=2 strategy="median" attack="signflip" '
