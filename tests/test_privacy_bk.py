@@ -17,17 +17,13 @@ from safelm.trainer import Trainer, batch_loss
 from test_privacy import T, V, make_batch, reference_per_sample
 
 
-@pytest.mark.parametrize("task", ["lm", "classify"])
-@pytest.mark.parametrize("rows_per_unit", [None, 2])
-def test_materialized_norms_match_reference(task, rows_per_unit):
-    """d_model 8 < T: materializing per-sample gradients is cheaper than the ghost norm for
-    every Linear, so this exercises that path (the tests in test_privacy.py take the ghost
-    path), with the tied head and embedding and with units of two rows."""
+def _clip_matches_reference(cfg: ModelConfig, batch, task: str, rows_per_unit,
+                            before_clip=None) -> None:
+    """One-backward norms and clipped sums of ``cfg``'s model equal the float64 vmap(grad)
+    reference (median clip: half the units clipped); ``before_clip(model, wrapped)`` may
+    inspect which path each parameter took."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=1, d_model=8, n_head=2, block_size=T, vocab_size=V, dropout=0.0,
-                      tie_weights=True, num_classes=3)
     model = build_model(cfg, task).double()
-    batch = make_batch(6, task, seed=2)
     ref = reference_per_sample(model, batch, task)
     if rows_per_unit:  # a unit's gradient is the sum of its rows' gradients
         ref = {k: g.reshape(-1, rows_per_unit, *g.shape[1:]).sum(1) for k, g in ref.items()}
@@ -36,11 +32,24 @@ def test_materialized_norms_match_reference(task, rows_per_unit):
     factor = (C / (norms + 1e-6)).clamp(max=1.0)
     wrapped = BKGradSampleModule(model, C, rows_per_unit=rows_per_unit)
     batch_loss(wrapped, batch, task)[0].backward()
+    if before_clip is not None:
+        before_clip(model, wrapped)
     got_norms = wrapped.clip_and_sum()
     torch.testing.assert_close(got_norms, norms, rtol=1e-12, atol=1e-12)
     for k, p in model.named_parameters():
         expected = (ref[k] * factor.view(-1, *[1] * (ref[k].dim() - 1))).sum(0)
         torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-13, msg=k)
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("rows_per_unit", [None, 2])
+def test_materialized_norms_match_reference(task, rows_per_unit):
+    """d_model 8 < T: materializing per-sample gradients is cheaper than the ghost norm for
+    every Linear, so this exercises that path (the tests in test_privacy.py take the ghost
+    path), with the tied head and embedding and with units of two rows."""
+    cfg = ModelConfig(n_layer=1, d_model=8, n_head=2, block_size=T, vocab_size=V, dropout=0.0,
+                      tie_weights=True, num_classes=3)
+    _clip_matches_reference(cfg, make_batch(6, task, seed=2), task, rows_per_unit)
 
 
 @pytest.mark.parametrize("task", ["lm", "classify"])
@@ -50,28 +59,16 @@ def test_materialized_tied_embedding_and_head_match_reference(task, rows_per_uni
     and every Linear are materialized per unit (the planted path: they land among the
     per-unit gradients, not the kept (A, G) pairs), the tied weight's two contributions
     summed without a cross term; norms and clipped sums equal the float64 reference."""
-    torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, d_model=8, n_head=2, block_size=16, vocab_size=20,
                       dropout=0.0, tie_weights=True, num_classes=3)
-    model = build_model(cfg, task).double()
-    batch = make_batch(6, task, seed=5, vocab=20, block=16)
-    ref = reference_per_sample(model, batch, task)
-    if rows_per_unit:
-        ref = {k: g.reshape(-1, rows_per_unit, *g.shape[1:]).sum(1) for k, g in ref.items()}
-    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
-    C = float(norms.median())
-    factor = (C / (norms + 1e-6)).clamp(max=1.0)
-    wrapped = BKGradSampleModule(model, C, rows_per_unit=rows_per_unit)
-    batch_loss(wrapped, batch, task)[0].backward()
-    names = {p: k for k, p in model.named_parameters()}
-    assert model.tok_emb.weight in wrapped._small
-    # nothing else took the ghost path (a classifier's head reads one position: rank one)
-    assert {names[p] for p in wrapped._kept} == (set() if task == "lm" else {"head.weight"})
-    got_norms = wrapped.clip_and_sum()
-    torch.testing.assert_close(got_norms, norms, rtol=1e-12, atol=1e-12)
-    for k, p in model.named_parameters():
-        expected = (ref[k] * factor.view(-1, *[1] * (ref[k].dim() - 1))).sum(0)
-        torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-13, msg=k)
+
+    def took_the_materialized_path(model, wrapped):
+        names = {p: k for k, p in model.named_parameters()}
+        assert model.tok_emb.weight in wrapped._small
+        # nothing else took the ghost path (a classifier's head reads one position)
+        assert {names[p] for p in wrapped._kept} == (set() if task == "lm" else {"head.weight"})
+    _clip_matches_reference(cfg, make_batch(6, task, seed=5, vocab=20, block=16), task,
+                            rows_per_unit, took_the_materialized_path)
 
 
 def _trainer(arch: str, physical: int, n: int = 40, batch_size: int = 8, noise: float = 0.0,
