@@ -323,11 +323,14 @@ def split_assignment(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> np.ndarr
 def split_rows(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
     """Deterministic train/val/test split; by user when there is a user column."""
     assign = split_assignment(rows, cfg, seed)
-    parts = {s: rows[assign == s].reset_index(drop=True) for s in SPLITS}
-    if len(parts["train"]) == 0:
+    check_train_nonempty(assign)
+    return {s: rows[assign == s].reset_index(drop=True) for s in SPLITS}
+
+
+def check_train_nonempty(assign: np.ndarray) -> None:
+    if not (assign == "train").any():
         raise DataError("the training split is empty; give more rows or lower "
                         "data.val_frac / data.test_frac")
-    return parts
 
 
 # ---- token blocks -------------------------------------------------------------------------

@@ -44,9 +44,9 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
-from .data import (SPLITS, Encoded, TokenStore, check_unique_ids, encode_texts, iter_rows,
-                   label_ids, split_assignment, token_dtype)
-from .errors import DataError, UserError
+from .data import (SPLITS, Encoded, TokenStore, check_train_nonempty, check_unique_ids,
+                   encode_texts, iter_rows, label_ids, split_assignment, token_dtype)
+from .errors import UserError
 from .hashing import file_sha256
 
 FORMAT = "safelm-tokens/1"
@@ -116,9 +116,7 @@ def read_metadata(path: Path, cfg: Config) -> tuple[pd.DataFrame, np.ndarray]:
     meta = pd.concat(parts, ignore_index=True)
     check_unique_ids(meta["example_id"], path, cfg.data)
     assign = split_assignment(meta, cfg.data, cfg.train.seed)
-    if not (assign == "train").any():
-        raise DataError("the training split is empty; give more rows or lower "
-                        "data.val_frac / data.test_frac")
+    check_train_nonempty(assign)
     return meta, assign
 
 
@@ -251,7 +249,8 @@ def prepare_streamed(path: str | Path, cfg: Config, tokenizer, *, data_sha256: s
         cfg.data.labels = sorted(set(splits["train"]["label"]))
     root = cache_root(cfg.data.cache_dir)
     _writable(root)
-    key = cache_key(cfg, data_sha256 or file_sha256(path), tokenizer.sha256())
+    data_sha256 = data_sha256 or file_sha256(path)  # once: a big file takes seconds
+    key = cache_key(cfg, data_sha256, tokenizer.sha256())
     entry, rows = root / key, {s: len(v) for s, v in splits.items()}
     reused = entry.exists()
     if reused:
@@ -263,7 +262,7 @@ def prepare_streamed(path: str | Path, cfg: Config, tokenizer, *, data_sha256: s
     if reused:
         man = json.loads((entry / MANIFEST).read_text())
     else:
-        man = _build(path, cfg, tokenizer, assign, key, root, data_sha256 or file_sha256(path))
+        man = _build(path, cfg, tokenizer, assign, key, root, data_sha256)
     record = {"token_cache": {"key": key, "dir": str(entry), "reused": reused,
                               "tokens": {s: man["splits"][s]["tokens"] for s in SPLITS},
                               "tokenize_seconds": man["tokenize_seconds"],
