@@ -107,67 +107,36 @@ def _setup(mode: str, B: int):
     return step
 
 
-def _allocated_bytes():
-    """glibc's bytes in use (heap chunks in use + mmap-ed chunks), or None elsewhere."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-            "fordblks", "keepcost")]
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
-        return None
-    mallinfo2.restype = MallInfo2
-
-    def allocated() -> int:
-        info = mallinfo2()
-        return info.uordblks + info.hblkhd
-    return allocated
-
-
 def memory_worker(mode: str, B: int, steps: int) -> dict:
     """Peak allocated and peak resident memory above the post-import state, in a process of
-    its own (see the module docstring)."""
+    its own (see the module docstring); allocated is ``safelm.preflight.peak_allocated``
+    (glibc's bytes in use after every aten operation: setup and steps)."""
     import gc
     import resource
     import warnings
 
     import opacus  # noqa: F401  (imports count in the baseline, not the peak)
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import safelm.model  # noqa: F401
     import safelm.privacy  # noqa: F401
     import safelm.trainer  # noqa: F401
+    from safelm.preflight import glibc_allocated, peak_allocated
     warnings.filterwarnings("ignore")
-    allocated = _allocated_bytes()
     gc.collect()
     base = _rss_kb()
-    base_alloc = allocated() if allocated else 0
-    peak_alloc = [base_alloc]
-
-    class SampleAfterEachOp(TorchDispatchMode):
-        """Reads the allocator after every aten operation (forward, backward, optimizer)."""
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            peak_alloc[0] = max(peak_alloc[0], allocated())
-            return out
-
-    step = _setup(mode, B)
-    peak_alloc[0] = max(peak_alloc[0], allocated() if allocated else 0)
-    if allocated:
-        with SampleAfterEachOp():
+    peak_mb = None
+    if glibc_allocated() is not None:
+        with peak_allocated() as peak:
+            step = _setup(mode, B)
             for i in range(steps):
                 step(i)
+        peak_mb = peak.bytes / 2**20
     else:
+        step = _setup(mode, B)
         for i in range(steps):
             step(i)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    return {"peak_mb": (peak_alloc[0] - base_alloc) / 2**20 if allocated else None,
-            "rss_mb": rss / 1024}
+    return {"peak_mb": peak_mb, "rss_mb": rss / 1024}
 
 
 def time_worker(mode: str, B: int, steps: int) -> dict:

@@ -122,6 +122,8 @@ def train_run(data_path: str | Path, cfg: Config, out: str | Path, *,
             from .warmstart import apply_init_config
             init = load_run(cfg.train.init_from, device="cpu")  # checks its checksums
             apply_init_config(cfg, init.cfg, None)
+        from .preflight import check_fits
+        check_fits(cfg, pick_device(cfg.train.device))  # before the data is read
         vfile = None
         if cfg.model.init_vectors:  # read (and refuse a bad file) before the tokenizer trains
             from . import init_vectors

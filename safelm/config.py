@@ -100,6 +100,9 @@ class TrainConfig:
     # examples weigh the same in total) | groups_labels (reweighing: group independent of label)
     reweight: str = "none"
     reweight_cols: list[str] = field(default_factory=list)  # empty: every data.group_cols
+    # Refuse a configuration whose estimated step memory exceeds what the device has
+    # available (safelm/preflight.py); false skips the estimate
+    memory_check: bool = True
     init_from: str = ""  # warm start: a run dir whose weights and tokenizer this run starts from
 
 

@@ -22,6 +22,9 @@ What is relied on, and why:
   reciprocal standard deviation ``native_layer_norm`` saved for its backward; the one-backward
   clipping reuses them instead of normalizing again (a fallback exists when they are absent).
 * ``torch._foreach_div_``: one fused in-place division over a list of gradients.
+* ``torch.utils._python_dispatch.TorchDispatchMode``: a hook around every aten operation;
+  :func:`safelm.preflight.peak_allocated` reads the allocator after each (measurement only:
+  tests and benchmarks, never a training path).
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def layer_norm_saved_stats(node: Any) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 def foreach_div_(tensors: list[torch.Tensor], divisor: float) -> None:
     torch._foreach_div_(tensors, divisor)
+
+
+def dispatch_mode() -> type:
+    """torch's ``TorchDispatchMode`` base class (subclass it and enter it as a context)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    return TorchDispatchMode
 
 
 class LeanSteps(DPOptimizerFastGradientClipping):
@@ -156,6 +165,21 @@ def check() -> list[str]:
                 and torch.allclose(rstd.reshape(-1), want_rstd, atol=1e-5)):
             problems.append("_saved_result1/_saved_result2 of NativeLayerNormBackward0 are no "
                             "longer (mean, rstd)")
+    try:
+        seen: list[str] = []
+
+        class Probe(dispatch_mode()):  # type: ignore[misc]
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+        with Probe():
+            torch.ones(2).add(1)
+        if not any("add" in f for f in seen):
+            problems.append("TorchDispatchMode no longer sees aten operations "
+                            "(preflight.peak_allocated)")
+    except ImportError:
+        problems.append("torch.utils._python_dispatch.TorchDispatchMode is gone "
+                        "(preflight.peak_allocated)")
     if not callable(getattr(torch, "_foreach_div_", None)):
         problems.append("torch._foreach_div_ is gone (LeanSteps.scale_grad)")
     return problems
