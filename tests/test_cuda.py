@@ -1,5 +1,5 @@
-"""The GPU path: training, DP (one-backward clipping and Opacus' hooks), bf16 and predict on
-CUDA. Marked ``cuda``; every test skips without a CUDA device (CI has none)."""
+"""The GPU path: training, DP (one-backward clipping and Opacus' hooks), bf16, predict and a
+federated client's round on CUDA. Marked ``cuda``; every test skips without a CUDA device (CI has none)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,50 @@ def test_dp_training_and_predict_run_on_cuda(cls_csv, tmp_path, extra):
     assert next(run.model.parameters()).is_cuda
     table = predictions_table(run, cls_csv)
     assert len(table) == 120 and table["y_pred"].notna().all()
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+def test_a_federated_client_round_runs_on_cuda(dp):
+    client_round("cuda", dp)
+
+
+def client_round(device: str, dp: bool) -> None:
+    """One client's round as federation/client_app.py runs it, on ``device``: weights in from
+    the wire (CPU arrays), local training (sample-level DP-SGD too), weights out to CPU
+    arrays, then the server's central evaluation on ``device``."""
+    from pathlib import Path
+
+    from federation import task
+    from federation.local import app_run_config
+    from federation.settings import parse_run_config
+    settings = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "corpus-size=600",
+                "client-threads=1", f'train.device="{device}"']
+    if dp:
+        settings += ["privacy.enabled=true", "privacy.noise_multiplier=1.0",
+                     "privacy.delta=1e-3"]
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    cfg, fed = parse_run_config(app_run_config(pyproject, settings))
+    server = task.server_data(cfg, fed)
+    cfg = server.cfg
+    start = task.get_weights(task.new_model(cfg))  # what the server sends
+    tok_json = task.tokenizer_to_json(server.tokenizer)
+    data = task.client_data(cfg, tok_json, fed, 0, 2, {})
+    model = task.new_model(cfg)
+    task.set_weights(model, start)
+    privacy = task.client_privacy(cfg, server.tokenizer, data, epochs=1, rounds=1, seed=3,
+                                  state=None) \
+        if dp else None
+    stats = task.train_local(model, cfg, data, epochs=1, server_round=1, seed=3,
+                             privacy=privacy)
+    assert stats["steps"] > 0 and torch.isfinite(torch.tensor(stats["train_loss"]))
+    assert next(model.parameters()).device.type == device
+    if dp:
+        assert 0 < privacy.epsilon() < float("inf")
+    arrays = task.get_weights(model)  # back on the wire: CPU arrays
+    fresh = task.new_model(cfg)
+    task.set_weights(fresh, arrays)
+    moved = any(not torch.equal(a, b) for a, b in zip(
+        fresh.state_dict().values(), task.new_model(cfg).state_dict().values()))
+    assert moved  # the CUDA training's update reached the CPU copy
+    metrics, _ = task.evaluate(fresh, cfg, server.tokenizer, server.test_rows, server.test_enc)
+    assert next(fresh.parameters()).device.type == device and metrics["loss"] > 0
