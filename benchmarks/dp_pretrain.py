@@ -3,14 +3,15 @@ al. (ICLR 2022), measured on the bundled corpora.
 
 1. Pretrain a language model on the bundled stories (public, synthetic).
 2. Fine-tune the sentiment classifier (bias-free corpus, split by user) without DP and with DP
-   at each epsilon, three ways: from scratch (its own tokenizer, random weights), full
-   fine-tuning from the pretrained LM (``--init-from``), and LoRA from it (``model.lora_rank``;
-   only the adapters and the head train).
+   at each epsilon, four ways: from scratch (its own tokenizer, random weights), full
+   fine-tuning from the pretrained LM (``--init-from``), LoRA from it (``model.lora_rank``;
+   only the adapters and the head train), and the demo's small classifier from scratch
+   (1 layer, d_model 32, block 32: ``safelm demo``'s recipe). ``--ways`` picks some.
 3. Print test accuracy per way and epsilon, and, per way, the DP step's time and peak resident
    memory as ratios to the same way without DP (each run in a fresh process, so its peak RSS
    is its own; time per optimizer step from the run's own epoch timings).
 
-The same classifier shape (the pretrained LM's), data, schedule and seed in every row; the
+The same classifier shape (the pretrained LM's; the small way's own), data, schedule and seed in every row; the
 noise is calibrated to each target epsilon for the whole schedule (delta 1e-5, PRV).
 
 Learning rates: DP and non-private training want different ones (clipping and noise change the
@@ -42,11 +43,16 @@ SHAPE = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.block_s
 FINETUNE = ["train.task=classify", "train.batch_size=256", "train.warmup_steps=5",
             "train.progress=off", "data.user_col=user", "privacy.max_grad_norm=5.0",
             "train.log_every=1000", "train.checkpoint_every=100000"]
+# "small": the demo's own classifier recipe (safelm/demo.py's shape: 1 layer, d_model 32,
+# block 32) from scratch, so the demo's choice is measured beside the pretrained recipes
+SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32"]
 WAYS = {"scratch": [],
         "full": [],
-        "lora": ["model.lora_rank=8", "model.lora_alpha=16", "model.lora_targets=attn,mlp"]}
+        "lora": ["model.lora_rank=8", "model.lora_alpha=16", "model.lora_targets=attn,mlp"],
+        "small": SMALL}
 LR_GRID = {"scratch": [3e-3, 1e-2, 3e-2], "full": [1e-3, 3e-3, 1e-2],
-           "lora": [3e-3, 1e-2, 3e-2]}
+           "lora": [3e-3, 1e-2, 3e-2], "small": [3e-3, 1e-2, 3e-2]}
+PRETRAINED_WAYS = ("full", "lora")
 
 
 def _child(data: str, settings: list[str], out: str, q: mp.Queue) -> None:
@@ -98,6 +104,7 @@ def main() -> None:
     ap.add_argument("--eps", default="1,3,8")
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once")
+    ap.add_argument("--ways", default=",".join(WAYS), help=f"of {', '.join(WAYS)}")
     args = ap.parse_args()
     grid = LR_GRID
     if args.quick:
@@ -109,17 +116,20 @@ def main() -> None:
     stories, sentiment = out / "stories.txt", out / "sentiment.csv"
     write_story_text(stories, **({"n_stories": 300} if args.quick else {}))
     write_sentiment_csv(sentiment, n=args.n, bias=0.0)
+    ways = {w: WAYS[w] for w in args.ways.split(",")}
     t0 = time.perf_counter()
-    pre = run(stories, SHAPE + ["train.task=lm", f"train.epochs={args.pretrain_epochs}",
-                                "train.progress=off", "train.lr=2e-3"], out / "pretrained")
+    pre = {"steps": 0}
+    if any(w in PRETRAINED_WAYS for w in ways):
+        pre = run(stories, SHAPE + ["train.task=lm", f"train.epochs={args.pretrain_epochs}",
+                                    "train.progress=off", "train.lr=2e-3"], out / "pretrained")
     pre_s = time.perf_counter() - t0
     print(f"pretrained LM on the bundled stories: {pre['steps']} steps, {pre_s:.0f} s",
           flush=True)
     eps_list = [float(e) for e in args.eps.split(",")]
     cells = []  # (way, name, lr, settings)
-    for way, extra in WAYS.items():
+    for way, extra in ways.items():
         base = SHAPE + FINETUNE + extra + [f"train.epochs={args.epochs}"]
-        if way != "scratch":
+        if way in PRETRAINED_WAYS:
             base = [s for s in base if not s.startswith(("model.n_layer", "model.d_model",
                                                          "model.n_head", "model.vocab_size"))]
             base += [f"train.init_from={out / 'pretrained'}"]

@@ -19,7 +19,10 @@ file's sha256, the task, the data options that shape rows and splits, the split 
 the tokenizer's own sha256. A second run with the same key reuses them; anything else gets
 its own entry, so a stale cache is never read. Each entry is written to a temporary dir and
 renamed into place (a crash leaves no half entry), and its ``manifest.json`` records each
-file's size and sha256, checked on every reuse: a damaged entry is rebuilt, and says so.
+file's size and sha256, checked on every reuse: a damaged entry is rebuilt, and says so. A
+build killed outright (SIGKILL, the OOM killer) cannot remove its temporary dir; its name
+carries the host and process id, and the next build on that host removes the dirs of
+processes that no longer run (never another host's: a cache dir may be shared).
 
 The token files are the training data in another form: as sensitive as the data.
 ``data.cache_dir=none`` keeps them in a temporary dir removed when the process ends.
@@ -33,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -164,11 +168,41 @@ def _verify(entry: Path, key: str, rows: dict[str, int]) -> str | None:
     return None
 
 
+def _temp_prefix(key: str, pid: int | None = None) -> str:
+    """``.<key>.<host>.<pid>.``: whose build a temporary dir is (see remove_dead_builds)."""
+    host = socket.gethostname().replace(".", "-")
+    return f".{key}.{host}.{os.getpid() if pid is None else pid}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_dead_builds(root: Path) -> list[Path]:
+    """Remove this host's temporary build dirs whose process no longer runs; returns them."""
+    host = socket.gethostname().replace(".", "-")
+    gone = []
+    for d in root.glob(".*"):
+        parts = d.name.split(".")  # "", key, host, pid, random suffix
+        if (len(parts) == 5 and parts[2] == host and parts[3].isdigit() and d.is_dir()
+                and not _alive(int(parts[3]))):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
 def _build(path: Path, cfg: Config, tokenizer, assign: np.ndarray, key: str, root: Path,
            data_sha256: str) -> dict[str, Any]:
     """Write a new entry into a temporary dir beside the cache entries, then rename it."""
     lm, dtype = cfg.train.task == "lm", token_dtype(tokenizer.vocab_size)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    remove_dead_builds(root)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(key), dir=root))
     t0 = time.perf_counter()
     try:
         files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}

@@ -5,6 +5,7 @@ sampling and exact resume over the memory-mapped data."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,39 @@ def test_second_prepare_reuses_the_files_and_other_inputs_get_other_entries(tmp_
                                   for p in (other_seed, other_data))
     # a setting that does not change the files (the group columns) shares the entry
     assert prepare(data, c("data.group_cols=gender")).record["token_cache"]["reused"]
+
+
+def test_a_killed_build_leaves_a_temp_dir_that_the_next_build_removes(tmp_path):
+    """A build killed with SIGKILL keeps its temporary dir (no handler runs); the next build
+    on this host removes it, and leaves alone a live process's and another host's."""
+    import signal
+    import time
+
+    from safelm import tokencache
+    data = write_lm_txt(tmp_path / "lm.txt", n=4000)
+    root = tmp_path / "cache"
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import TINY; "
+            "from safelm import Config; from safelm.api import prepare; "
+            f"prepare({str(data)!r}, Config.load(None, TINY + "
+            f"['data.cache_dir={root}', 'data.tokenizer_sample=100']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 60
+    while not list(root.glob(".*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    dead = [d for d in root.glob(".*")]
+    if not dead:
+        pytest.skip("the build finished before it could be killed")
+    assert f".{proc.pid}." in dead[0].name
+    live = root / f"{tokencache._temp_prefix('k' * 32, os.getppid())}abc"
+    other = root / (".k." + "otherhost" + f".{proc.pid}.abc")
+    live.mkdir(), other.mkdir()
+    prep = prepare(data, cfg(tmp_path))  # a build of its own
+    assert not prep.record["token_cache"]["reused"]
+    assert not any(d.exists() for d in dead)
+    assert live.exists() and other.exists()
+    assert not list(root.glob(f"*.{os.getpid()}.*"))  # its own temp dir renamed into place
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "lengths"])
