@@ -77,7 +77,8 @@ def config(a: dict):
     from safelm.config import Config
     cfg = Config()
     m = cfg.model
-    m.n_layer, m.d_model, m.n_head, m.block_size, m.vocab_size = a["L"], a["d"], a["H"], a["T"], a["V"]
+    m.n_layer, m.d_model, m.n_head = a["L"], a["d"], a["H"]
+    m.block_size, m.vocab_size = a["T"], a["V"]
     m.num_classes, m.dropout = 3, a["drop"]
     cfg.train.task, cfg.train.batch_size = a["task"], a["B"]
     if a["mode"] != "plain":

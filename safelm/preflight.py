@@ -27,9 +27,9 @@ bench_memory.py`` prints estimate / measured for a grid (table in benchmarks/REA
 ``tests/test_preflight.py`` checks a few shapes against a measured peak.
 
 What it assumes: fp32 activations (under ``train.precision=bf16`` the estimate is of fp32,
-an upper bound); one process holding the whole batch (under torchrun, where each rank takes a share of
-the batch, that is the ranks' activations together, not one GPU's); the
-Transformer (the LSTM baseline is not estimated: no check). Under DP the physical batch is
+an upper bound); one process holding the whole batch (under torchrun, where each rank takes a
+share of the batch, that is the ranks' activations together, not one GPU's); the Transformer
+(the LSTM baseline is not estimated: no check). Under DP the physical batch is
 the Poisson batch's expected size plus three standard deviations (or
 ``privacy.max_physical_batch_size`` when smaller); Opacus' hooks / functorch / ew modes add
 each row's copy of the trainable gradients, formed as the activations are freed (the larger
@@ -145,7 +145,8 @@ def estimate(cfg: Config, device: torch.device | str = "cpu") -> StepMemory | No
         return None
     mode = "plain"
     if cfg.privacy.enabled:
-        mode = "bk" if cfg.privacy.grad_sample_mode in ("auto", "bk") else cfg.privacy.grad_sample_mode
+        chosen = cfg.privacy.grad_sample_mode  # auto is bk for the Transformer
+        mode = "bk" if chosen in ("auto", "bk") else chosen
     scores = keeps_attention_scores(cfg, device)
     # Opacus' hooks / functorch / ew keep what plain training keeps, plus a gradient per row
     c = COEFFICIENTS[("bk" if mode == "bk" else "plain", scores)]

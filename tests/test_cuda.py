@@ -1,5 +1,6 @@
 """The GPU path: training, DP (one-backward clipping and Opacus' hooks), bf16, predict and a
-federated client's round on CUDA. Marked ``cuda``; every test skips without a CUDA device (CI has none)."""
+federated client's round on CUDA. Marked ``cuda``; every test skips without a CUDA device
+(CI has none)."""
 
 from __future__ import annotations
 

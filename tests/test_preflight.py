@@ -81,13 +81,19 @@ def test_dp_rows_cover_the_poisson_spread_and_respect_the_physical_cap():
     assert preflight.physical_rows(cfg_of(B=100)) == 100
 
 
-def test_per_sample_gradient_modes_add_a_gradient_copy_per_row():
-    bk = preflight.estimate(cfg_of(B=16, privacy__enabled=True,
-                                   privacy__max_physical_batch_size=16), "cpu")
-    hooks = preflight.estimate(cfg_of(B=16, privacy__enabled=True, privacy__grad_sample_mode="hooks",
-                                      privacy__max_physical_batch_size=16), "cpu")
-    _, trainable = preflight.count_parameters(cfg_of())
-    assert hooks.total - bk.total == pytest.approx(16 * trainable * preflight.GRAD_SAMPLE_BYTES)
+def test_per_sample_gradient_modes_count_a_gradient_per_row_or_the_activations():
+    """Opacus' hooks keep plain training's activations, then a gradient per row as those are
+    freed: the estimate is plain training's with the larger of the two."""
+    def est(mode, T):
+        dp = {} if mode == "plain" else dict(privacy__enabled=True, privacy__grad_sample_mode=mode,
+                                             privacy__max_physical_batch_size=16)
+        return preflight.estimate(cfg_of(B=16, T=T, **dp), "cpu")
+    _, trainable = preflight.count_parameters(cfg_of(T=8))
+    short, plain_short = est("hooks", 8), est("plain", 8)  # few activations: gradients rule
+    assert short.activations == pytest.approx(16 * trainable * preflight.GRAD_SAMPLE_BYTES)
+    assert short.activations > plain_short.activations and short.state == plain_short.state
+    long, plain_long = est("hooks", 512), est("plain", 512)  # activations rule
+    assert long.total == pytest.approx(plain_long.total)
 
 
 def test_attention_term_grows_with_the_square_of_the_block_size():
@@ -126,7 +132,8 @@ def test_cli_refuses_a_block_size_beyond_memory_before_reading_data(tmp_path, ca
     comes before the data is read (no token files); nothing is written."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     data = write_csv(tmp_path / "reviews.csv", n=40)
-    rc, _, err = run(capsys, "train", "--data", data, "--out", out, "--set", f"data.cache_dir={cache}",
+    rc, _, err = run(capsys, "train", "--data", data, "--out", out,
+                     "--set", f"data.cache_dir={cache}",
                      "--task", "lm", *TINY, "--set", "model.block_size=65536",
                      "--set", "train.batch_size=32")
     assert_user_error(rc, err, "model.block_size=65536", "train.batch_size=32",
