@@ -11,8 +11,9 @@ al. (ICLR 2022), measured on the bundled corpora.
    memory as ratios to the same way without DP (each run in a fresh process, so its peak RSS
    is its own; time per optimizer step from the run's own epoch timings).
 
-The same classifier shape (the pretrained LM's; the small way's own), data, schedule and seed in every row; the
-noise is calibrated to each target epsilon for the whole schedule (delta 1e-5, PRV).
+The same classifier shape (the pretrained LM's; the small way's own), data, schedule and seed
+in every row; the noise is calibrated to each target epsilon for the whole schedule (delta
+1e-5, PRV).
 
 Learning rates: DP and non-private training want different ones (clipping and noise change the
 update's scale), so every cell tries each rate of its way's grid (``LR_GRID``) and reports the
@@ -20,8 +21,16 @@ test accuracy of the rate with the best final validation accuracy; the chosen ra
 Choosing on the validation split of the private data is what the cited papers do too; its own
 privacy cost (Papernot & Steinke, ICLR 2022) is not in the epsilon shown.
 
+``--demo`` asks the question ``safelm demo`` has to answer, in the demo's own setting (its
+data: 20,000 rows with the planted bias; its LM: 4 layers, d_model 128, pretrained on its
+stories; its DP settings: epsilon 8, batch 512, 8 epochs, clip 5): which recipe should its DP
+classifier use? The demo's small classifier from scratch, full fine-tuning of the demo's LM,
+or LoRA on it, each over a small learning-rate grid (``DEMO_LR_GRID``), chosen by validation
+accuracy as above.
+
 Usage: python benchmarks/dp_pretrain.py [--quick] [--n 8000] [--epochs 4] [--eps 1,3,8]
        [--jobs 1] (--jobs 2 runs two trainings at once: faster, timings shared by both)
+       python benchmarks/dp_pretrain.py --demo [--jobs 1]
 Last line: {"pretrain": {...}, "rows": {"scratch": {"non_private": {...}, "eps_8": {...}},
             ...}, "ratios": {"lora": {"time": ..., "peak_rss": ...}, ...}}
 """
@@ -53,6 +62,7 @@ WAYS = {"scratch": [],
 LR_GRID = {"scratch": [3e-3, 1e-2, 3e-2], "full": [1e-3, 3e-3, 1e-2],
            "lora": [3e-3, 1e-2, 3e-2], "small": [3e-3, 1e-2, 3e-2]}
 PRETRAINED_WAYS = ("full", "lora")
+DEMO_LR_GRID = {"small": [1e-2, 2e-2, 3e-2], "full": [1e-3, 3e-3, 1e-2], "lora": [1e-2, 3e-2]}
 
 
 def _child(data: str, settings: list[str], out: str, q: mp.Queue) -> None:
@@ -95,6 +105,52 @@ def run(data: Path, settings: list[str], out: Path) -> dict:
     return res
 
 
+def best_of(cells: list[tuple[str, float, list[str]]], data: Path, out: Path, jobs: int
+            ) -> dict[str, dict]:
+    """Run every (way, lr, settings) cell; per way, the run with the best validation
+    accuracy, with what each lr gave on validation under ``tried``."""
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # each run is its own process
+        done = list(pool.map(lambda c: run(data, c[2], out / f"{c[0]}-lr{c[1]:g}"), cells))
+    best: dict[str, dict] = {}
+    for (way, lr, _), r in zip(cells, done):
+        r = {**r, "lr": lr}
+        have = best.get(way)
+        tried = (have or {}).get("tried", {})
+        tried[f"{lr:g}"] = r["val_accuracy"]
+        if have is None or (r["val_accuracy"] or 0) > (have["val_accuracy"] or 0):
+            best[way] = r
+        best[way]["tried"] = tried
+    return best
+
+
+def demo_setting(jobs: int, out_dir: str | None) -> None:
+    """The ``--demo`` comparison (module doc)."""
+    from safelm import corpus
+    from safelm.demo import BIAS, CLS_SETTINGS, DP_SETTINGS, LM_SETTINGS, N_SENTIMENT
+    out = Path(out_dir or tempfile.mkdtemp(prefix="dp-pretrain-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    stories, sentiment = out / "stories.txt", out / "sentiment.csv"
+    corpus.write_story_text(stories)
+    corpus.write_sentiment_csv(sentiment, n=N_SENTIMENT, bias=BIAS)
+    quiet = ["train.progress=off", "train.log_every=1000"]
+    run(stories, LM_SETTINGS + quiet, out / "lm")  # the demo's LM, as the demo trains it
+    shape = ("model.n_layer", "model.d_model", "model.n_head", "model.vocab_size")
+    tuned = [x for x in CLS_SETTINGS if not x.startswith(shape)] + DP_SETTINGS + quiet + [
+        f"train.init_from={out / 'lm'}"]
+    ways = {"small": CLS_SETTINGS + DP_SETTINGS + quiet, "full": tuned,
+            "lora": tuned + ["model.lora_rank=8", "model.lora_alpha=16",
+                             "model.lora_targets=attn,mlp"]}
+    cells = [(way, lr, settings + [f"train.lr={lr:g}"])
+             for way, settings in ways.items() for lr in DEMO_LR_GRID[way]]
+    best = best_of(cells, sentiment, out, jobs)
+    for way, r in best.items():
+        print(f"{way:6s} epsilon {r['epsilon']:.2f}: test accuracy {r['test_accuracy']:.3f} "
+              f"(lr {r['lr']:g}; validation by lr {r['tried']}), "
+              f"{r['trainable_parameters']:,} trainable, {r['seconds_per_step'] * 1e3:.0f} ms/step",
+              flush=True)
+    print(json.dumps({"demo": best}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small data, few steps (a smoke run)")
@@ -105,7 +161,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once")
     ap.add_argument("--ways", default=",".join(WAYS), help=f"of {', '.join(WAYS)}")
+    ap.add_argument("--demo", action="store_true", help="the demo's recipe question (doc)")
     args = ap.parse_args()
+    if args.demo:
+        demo_setting(args.jobs, args.out)
+        return
     grid = LR_GRID
     if args.quick:
         args.n, args.epochs, args.pretrain_epochs, args.eps = 1200, 1, 1, "8"

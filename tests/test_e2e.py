@@ -64,5 +64,6 @@ def test_corpus_train_predict_generate(tmp_path):
 def test_demo_quick(tmp_path):
     out = run("demo", "--quick", "--out", "d", cwd=tmp_path)
     assert "validation perplexity" in out.stdout and "test accuracy" in out.stdout
+    assert "recipe: the small classifier from scratch, the best of three" in out.stdout
     assert (tmp_path / "d/predictions_test.csv").is_file()
     assert (tmp_path / "d/lm/model.safetensors").is_file()
