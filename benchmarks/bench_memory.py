@@ -42,7 +42,6 @@ def worker(a: dict) -> dict:
     import torch
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    from safelm.config import Config
     from safelm.preflight import count_parameters, peak_allocated
     from safelm.privacy import DifferentialPrivacy
     from safelm.trainer import batch_loss
@@ -69,8 +68,7 @@ def worker(a: dict) -> dict:
             loss = batch_loss(model, (x[s], y[s], lengths[s], labels[s]), cfg.train.task)[0]
             loss.backward()
             opt.step()
-    total, trainable = count_parameters(cfg)
-    return {**a, "P": total, "peak": peak.bytes}
+    return {**a, "P": count_parameters(cfg)[0], "peak": peak.bytes}
 
 
 def config(a: dict):

@@ -33,7 +33,7 @@ share of the batch, that is the ranks' activations together, not one GPU's); the
 the Poisson batch's expected size plus three standard deviations (or
 ``privacy.max_physical_batch_size`` when smaller); Opacus' hooks / functorch / ew modes add
 each row's copy of the trainable gradients, formed as the activations are freed (the larger
-of the two counts).
+of the two counts; measured for hooks, assumed for functorch and ew).
 
 It is a refusal of what cannot fit, not a promise that the rest will: the resident size adds
 the allocator's fragmentation to the allocated peak (x1.1-1.5 measured), and other processes
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,39 +102,24 @@ def keeps_attention_scores(cfg: Config, device: torch.device) -> bool:
     return device.type != "cuda" and cfg.model.dropout > 0
 
 
-def largest_trainable(cfg: Config) -> int:
-    """Elements of the largest trainable tensor ``cfg``'s Transformer has."""
-    m, lm = cfg.model, cfg.train.task == "lm"
-    d = m.d_model
-    head = d * (m.vocab_size if lm else m.num_classes)
-    if m.lora_rank:  # frozen base: the adapters (at most 4d x r) and a classifier head
-        return max(4 * d * m.lora_rank, 0 if lm else head)
-    return max(m.vocab_size * d, m.block_size * d, 4 * d * d, head)
+def count_parameters(cfg: Config) -> tuple[int, int, int]:
+    """(all, trainable, largest trainable tensor) elements of the model ``cfg`` builds,
+    counted on a model built on the ``meta`` device: exact (LoRA and tying included), and
+    nothing is allocated. A classifier whose classes are not resolved yet counts two."""
+    from .model import build_model
+    model_cfg = dataclasses.replace(cfg.model, num_classes=max(cfg.model.num_classes, 2))
+    with torch.device("meta"):
+        model = build_model(model_cfg, cfg.train.task)
+    params = list(model.parameters())  # tied weights once
+    trainable = [p.numel() for p in params if p.requires_grad]
+    return sum(p.numel() for p in params), sum(trainable), max(trainable, default=0)
 
 
-def state_bytes(cfg: Config) -> float:
-    """Weights, gradients and optimizer state of ``cfg``'s Transformer (see WEIGHT_BYTES)."""
-    total, trainable = count_parameters(cfg)
-    return (WEIGHT_BYTES * total + TRAINABLE_BYTES * trainable
-            + LARGEST_COPIES * 4 * largest_trainable(cfg))
-
-
-def count_parameters(cfg: Config) -> tuple[int, int]:
-    """(all, trainable) parameters of the Transformer ``cfg`` builds, without building it."""
-    m, lm = cfg.model, cfg.train.task == "lm"
-    d, V, L = m.d_model, m.vocab_size, m.n_layer
-    layer = 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * 2 * d
-    head = 0 if (lm and m.tie_weights) else (d * V if lm else d * m.num_classes + m.num_classes)
-    total = V * d + m.block_size * d + L * layer + 2 * d + head
-    if not m.lora_rank:
-        return total, total
-    r, per = m.lora_rank, 0
-    if "attn" in m.lora_targets:
-        per += 4 * r * (d + d)
-    if "mlp" in m.lora_targets:
-        per += r * (d + 4 * d) * 2
-    trainable = L * per + (0 if lm else d * m.num_classes + m.num_classes)
-    return total + L * per, trainable
+def state_bytes(cfg: Config, counts: tuple[int, int, int] | None = None) -> float:
+    """Weights, gradients and optimizer state of ``cfg``'s model (see WEIGHT_BYTES);
+    ``counts``: :func:`count_parameters`' result when the caller has it."""
+    total, trainable, largest = counts or count_parameters(cfg)
+    return WEIGHT_BYTES * total + TRAINABLE_BYTES * trainable + LARGEST_COPIES * 4 * largest
 
 
 def estimate(cfg: Config, device: torch.device | str = "cpu") -> StepMemory | None:
@@ -148,15 +134,16 @@ def estimate(cfg: Config, device: torch.device | str = "cpu") -> StepMemory | No
         chosen = cfg.privacy.grad_sample_mode  # auto is bk for the Transformer
         mode = "bk" if chosen in ("auto", "bk") else chosen
     scores = keeps_attention_scores(cfg, device)
-    # Opacus' hooks / functorch / ew keep what plain training keeps, plus a gradient per row
+    # Opacus' hooks / functorch / ew keep what plain training keeps, or a gradient per row
     c = COEFFICIENTS[("bk" if mode == "bk" else "plain", scores)]
-    _, trainable = count_parameters(cfg)
+    counts = count_parameters(cfg)
+    trainable = counts[1]
     rows = physical_rows(cfg)
     L, d, H, T, V = m.n_layer, m.d_model, m.n_head, m.block_size, m.vocab_size
     lm = cfg.train.task == "lm"
     attention = rows * c[2] * L * H * T * T
     activations = rows * (c[1] * L * T * d + c[3] * T * V * lm + c[4] * T * d) + attention
-    state = c[0] + state_bytes(cfg)
+    state = c[0] + state_bytes(cfg, counts)
     if mode in PER_SAMPLE_GRAD_MODES:
         # the per-row gradients form during the backward pass as the activations are freed:
         # the peak is the larger of the two (measured: their sum overestimates by up to 1.4x)
