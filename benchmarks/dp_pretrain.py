@@ -107,19 +107,17 @@ def run(data: Path, settings: list[str], out: Path) -> dict:
 
 def best_of(cells: list[tuple[str, float, list[str]]], data: Path, out: Path, jobs: int
             ) -> dict[str, dict]:
-    """Run every (way, lr, settings) cell; per way, the run with the best validation
-    accuracy, with what each lr gave on validation under ``tried``."""
+    """Run every (label, lr, settings) cell (run dir ``out/<label>-lr<lr>``); per label, the
+    run with the best validation accuracy, with each lr's validation accuracy in ``tried``."""
     with ThreadPoolExecutor(max(1, jobs)) as pool:  # each run is its own process
         done = list(pool.map(lambda c: run(data, c[2], out / f"{c[0]}-lr{c[1]:g}"), cells))
-    best: dict[str, dict] = {}
-    for (way, lr, _), r in zip(cells, done):
-        r = {**r, "lr": lr}
-        have = best.get(way)
-        tried = (have or {}).get("tried", {})
-        tried[f"{lr:g}"] = r["val_accuracy"]
-        if have is None or (r["val_accuracy"] or 0) > (have["val_accuracy"] or 0):
-            best[way] = r
-        best[way]["tried"] = tried
+    tried: dict[str, list[dict]] = {}
+    for (label, lr, _), r in zip(cells, done):
+        tried.setdefault(label, []).append({**r, "lr": lr})
+    best = {}
+    for label, rs in tried.items():
+        best[label] = max(rs, key=lambda x: x["val_accuracy"] or 0.0)
+        best[label]["tried"] = {f"{x['lr']:g}": x["val_accuracy"] for x in rs}
     return best
 
 
@@ -186,7 +184,7 @@ def main() -> None:
     print(f"pretrained LM on the bundled stories: {pre['steps']} steps, {pre_s:.0f} s",
           flush=True)
     eps_list = [float(e) for e in args.eps.split(",")]
-    cells = []  # (way, name, lr, settings)
+    cells = []  # (way-name, lr, settings)
     for way, extra in ways.items():
         base = SHAPE + FINETUNE + extra + [f"train.epochs={args.epochs}"]
         if way in PRETRAINED_WAYS:
@@ -196,17 +194,12 @@ def main() -> None:
         for eps in [None] + eps_list:
             name = "non_private" if eps is None else f"eps_{eps:g}"
             dp = [] if eps is None else ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
-            cells += [(way, name, lr, base + dp + [f"train.lr={lr:g}"]) for lr in grid[way]]
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each run is its own process
-        done = list(pool.map(lambda c: run(sentiment, c[3],
-                                           out / f"{c[0]}-{c[1]}-lr{c[2]:g}"), cells))
-    tried: dict[tuple[str, str], list] = {}
-    for (way, name, lr, _), r in zip(cells, done):
-        tried.setdefault((way, name), []).append({**r, "lr": lr})
+            cells += [(f"{way}-{name}", lr, base + dp + [f"train.lr={lr:g}"])
+                      for lr in grid[way]]
     rows: dict[str, dict] = {}
-    for (way, name), rs in tried.items():
-        r = rows.setdefault(way, {})[name] = max(rs, key=lambda x: x["val_accuracy"] or 0.0)
-        r["tried"] = {f"{x['lr']:g}": x["val_accuracy"] for x in rs}
+    for label, r in best_of(cells, sentiment, out, args.jobs).items():
+        way, name = label.split("-", 1)
+        rows.setdefault(way, {})[name] = r
         print(f"{way:8s} {name:12s} test accuracy {r['test_accuracy']:.3f} (lr {r['lr']:g}, "
               f"val {r['val_accuracy']:.3f})  {r['seconds_per_step'] * 1e3:.0f} ms/step  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB  trainable {r['trainable_parameters']:,}",
