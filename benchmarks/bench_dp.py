@@ -28,7 +28,12 @@ How it measures, identically for every configuration:
     hooks x1.59 at batch 128; this script reads x1.09 and x1.48).
   - ``peak_rss_ratio``: the process's resident high-water mark (ru_maxrss). It adds what the
     allocator holds but does not use: heap fragmentation, which depends on glibc's settings
-    (DP raises them, ``safelm/privacy/memory.py``) and on the order of allocations.
+    and on the order of allocations.
+* the allocator: every configuration, plain and Opacus' included, runs with the glibc settings
+  SafeLM's trainer applies to all training (``safelm/memory.py``: freed memory is kept for
+  the next step instead of being unmapped and page-faulted in again), so that the ratios
+  compare algorithms, not allocators. ``SAFELM_KEEP_FREED_MEMORY=0`` in the environment runs
+  every configuration with glibc's defaults instead.
 * both are repeated ``--repeats`` rounds; the reported ratios are medians over rounds
   (time: median of the runs' paired ratios; memory: median peak over median plain peak).
 
@@ -62,9 +67,11 @@ def _setup(mode: str, B: int):
     from opacus import PrivacyEngine
 
     from safelm.config import ModelConfig, PrivacyConfig
+    from safelm.memory import keep_freed_memory
     from safelm.model import build_model
     from safelm.privacy import DifferentialPrivacy
     from safelm.trainer import batch_loss
+    keep_freed_memory()  # what safelm's Trainer does for any training (see the docstring)
     torch.manual_seed(0)
     cfg = ModelConfig(dropout=0.0, tie_weights=mode != "opacus-ghost", **SHAPE)
     model = build_model(cfg, "lm")

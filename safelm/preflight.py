@@ -46,12 +46,14 @@ import contextlib
 import ctypes
 import dataclasses
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import memory
 from .config import Config
 from .errors import UserError
 
@@ -186,7 +188,17 @@ def check_fits(cfg: Config, device: torch.device | str = "cpu") -> StepMemory | 
         return None
     est = estimate(cfg, device)
     room = available_memory(device)
-    if est is None or room is None or est.total <= room[0]:
+    if est is None or room is None:
+        return est
+    if est.total <= room[0]:
+        if torch.device(device).type == "cpu" and est.total * memory.RESIDENT_FACTOR > room[0]:
+            # tight: the kept heap's holes (safelm/memory.py) could push it over
+            memory.keep_defaults(f"the step's estimated {_gb(est.total)} is close to the "
+                                 f"{_gb(room[0])} {room[1]}")
+            print(f"memory: {memory.declined()}: glibc frees memory between steps (slower "
+                  "steps, less resident memory)", file=sys.stderr)
+        else:
+            memory.keep_defaults(None)
         return est
     m, t = cfg.model, cfg.train
     parts = f"activations {_gb(est.activations)}"

@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import Batch
 from .distributed import current
 from .errors import UserError
+from .memory import keep_freed_memory
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -237,6 +238,7 @@ class Trainer:
         self.cfg, self.task, self.num_classes = cfg, cfg.task, num_classes
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = pick_device(cfg.device)
+        keep_freed_memory()  # steps would free and re-fault their activations (memory.py)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(cfg.seed)

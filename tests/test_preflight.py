@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from safelm import preflight
+from safelm import memory, preflight
 from safelm.config import Config
 from safelm.errors import UserError
 from safelm.model import build_model, count_parameters
@@ -131,6 +132,23 @@ def test_refuses_above_the_available_memory_and_passes_below(monkeypatch):
         preflight.check_fits(cfg, "cpu")
     cfg.train.memory_check = False
     assert preflight.check_fits(cfg, "cpu") is None
+    memory.keep_defaults(None)  # the 1.05 case kept glibc's defaults: lift it for later tests
+
+
+def test_tight_memory_keeps_glibcs_defaults_and_room_lifts_that(monkeypatch, capsys):
+    """Planted: a step that fits with less than RESIDENT_FACTOR to spare keeps glibc's
+    allocator defaults (the kept heap's holes could push it over) and says so; null: with
+    room, the trainer's setting applies again (safelm/memory.py)."""
+    cfg = cfg_of(T=512, B=32)
+    need = preflight.estimate(cfg, "cpu").total
+    monkeypatch.setattr(preflight, "available_memory", lambda device: (int(need * 1.3), "free"))
+    preflight.check_fits(cfg, "cpu")
+    assert memory.declined() and memory.keep_freed_memory() is False
+    assert "glibc frees memory between steps" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "available_memory", lambda device: (int(need * 2), "free"))
+    preflight.check_fits(cfg, "cpu")
+    assert memory.declined() is None and capsys.readouterr().err == ""
+    assert memory.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_cli_refuses_a_block_size_beyond_memory_before_reading_data(tmp_path, capsys):

@@ -148,16 +148,6 @@ def test_user_level_splits_on_user_boundaries():
         _trainer("transformer", 2, n=36, batch_size=18, users=users, rows=3)
 
 
-def test_keep_freed_memory_is_applied_on_glibc_and_can_be_turned_off(monkeypatch):
-    import platform
-
-    from safelm.privacy.memory import keep_freed_memory
-    monkeypatch.setenv("SAFELM_KEEP_FREED_MEMORY", "0")
-    assert keep_freed_memory() is False
-    monkeypatch.delenv("SAFELM_KEEP_FREED_MEMORY")
-    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
-
-
 @pytest.mark.parametrize("physical_batches", [1, 3])
 def test_lean_noise_steps_equal_opacus_own(physical_batches):
     """BK's optimizer accumulates, noises and scales without Opacus' copies (internals.LeanSteps):

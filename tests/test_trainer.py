@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -150,3 +151,49 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, lm_txt):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert_same_weights(tmp_path / "full", run, atol=1e-6)
+
+
+_REFAULTS = """
+import resource, sys, torch
+from safelm.memory import keep_defaults, keep_freed_memory
+applied = keep_freed_memory()
+if sys.argv[1] == "declined":  # the memory check found memory tight: defaults restored
+    keep_defaults("tight")
+    applied = keep_freed_memory()
+def step():  # three 64 MiB activations and a sum, written and freed, as a training step does
+    xs = [torch.ones(16 * 2**20) for _ in range(3)]
+    y = xs[0] + xs[1]
+    del xs, y
+for _ in range(6):  # the heap settles in a few steps
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+@pytest.mark.parametrize("keep", ["1", "0", "declined"])
+def test_freed_memory_is_reused_not_refaulted(keep):
+    """Planted and null: once the heap has settled, steps of four 64 MiB activations
+    page-fault nothing with the trainer's allocator setting, and about 65,536 times each
+    (every 4 KiB page of every block) with glibc's defaults, which unmap a block that large
+    when it is freed; SAFELM_KEEP_FREED_MEMORY=0 keeps the defaults, and keep_defaults (what
+    the memory check calls when memory is tight) restores them after the setting."""
+    env = {**os.environ, "SAFELM_KEEP_FREED_MEMORY": "0" if keep == "0" else "1"}
+    out = subprocess.run([sys.executable, "-c", _REFAULTS, keep], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    applied, faults = out[0] == "True", int(out[1])
+    if keep == "1":
+        assert applied and faults < 1_000, faults
+    else:
+        assert not applied and faults > 3 * 65_536 * 0.9, faults
+
+
+def test_every_training_applies_the_allocator_setting(tmp_path, lm_txt, monkeypatch):
+    import safelm.trainer as trainer_mod
+    calls = []
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    train_run(lm_txt, tiny_cfg("train.max_steps=1"), tmp_path / "run")  # non-private
+    assert calls == [1]

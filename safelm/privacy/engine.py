@@ -51,7 +51,6 @@ from ..config import PrivacyConfig
 from ..distributed import current
 from ..errors import UserError
 from . import bk, internals, seeds
-from .memory import keep_freed_memory
 from .users import UserBatchSampler, WithPadding, collate_with_padding
 
 MODES = ("auto", "bk", "hooks", "functorch", "ew")
@@ -184,7 +183,6 @@ class DifferentialPrivacy:
         if errors:
             raise UserError(f"the model has a layer Opacus cannot make private: {errors[0]}")
         self.mode = resolve_mode(module, self.cfg.grad_sample_mode)
-        keep_freed_memory()  # DP steps free and re-fault 100s of MB otherwise (memory.py)
         rows = self.rows_per_unit
         ddp = current()
         if ddp.active:
