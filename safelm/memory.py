@@ -49,9 +49,7 @@ def keep_defaults(reason: str | None) -> None:
     ``None`` lifts that: the memory check of a run with room to spare calls it."""
     global _declined
     _declined = reason
-    mallopt = _mallopt()
-    if reason is None:
-        return
+    mallopt = _mallopt() if reason is not None else None
     if mallopt is not None:
         mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
