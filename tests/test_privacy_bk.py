@@ -201,3 +201,36 @@ def test_layer_norm_without_saved_statistics_normalizes_again(monkeypatch):
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_per_unit_gradients_are_normed_and_summed_in_either_layout():
+    """Oracle: einsum's per-unit gradients G_u^T A_u. When d_in < d_out the gradient is kept
+    as the transposed view of the faster A^T G product (planted: not copied into
+    [U, d_out, d_in] order); its norms and clipped sum are still exact, as is the sum of any
+    other layout (a tied weight's two contributions may differ in layout)."""
+    from safelm.privacy.bk import _dot, _per_unit_grad, _unit_weighted_sum
+    g64 = torch.Generator().manual_seed(3)
+    U, S = 5, 7
+    c = torch.rand(U, generator=g64, dtype=torch.float64)
+    for d_in, d_out in ((3, 11), (11, 3), (4, 4)):
+        a = torch.randn(U, S, d_in, generator=g64, dtype=torch.float64)
+        g = torch.randn(U, S, d_out, generator=g64, dtype=torch.float64)
+        ref = torch.einsum("usi,uso->uoi", a, g)
+        ps = _per_unit_grad(a, g)
+        torch.testing.assert_close(ps, ref, rtol=1e-12, atol=1e-12)
+        assert ps.is_contiguous() == (d_in >= d_out)  # the transposed view is never copied
+        torch.testing.assert_close(_dot(ps, ps), ref.square().sum((1, 2)), rtol=1e-12, atol=0)
+        summed = _unit_weighted_sum(c, ps)
+        assert summed.is_contiguous() and summed.shape == (d_out, d_in)
+        torch.testing.assert_close(summed, torch.einsum("u,uoi->oi", c, ref), rtol=1e-12,
+                                   atol=1e-12)
+    odd = torch.randn(6, U, 8, generator=g64, dtype=torch.float64).permute(1, 2, 0)[:, ::2]
+    torch.testing.assert_close(_unit_weighted_sum(c, odd), torch.einsum("u,uij->ij", c, odd))
+    # a tied weight: the embedding's contiguous [U, V, d] plus the head's transposed view
+    emb = torch.randn(U, 9, 4, generator=g64, dtype=torch.float64)
+    head = _per_unit_grad(torch.randn(U, S, 4, generator=g64, dtype=torch.float64),
+                          torch.randn(U, S, 9, generator=g64, dtype=torch.float64))
+    tied = emb + head
+    torch.testing.assert_close(_unit_weighted_sum(c, tied), torch.einsum("u,uij->ij", c, tied))
+    torch.testing.assert_close(_unit_weighted_sum(c, tied),
+                               _unit_weighted_sum(c, emb) + _unit_weighted_sum(c, head))
