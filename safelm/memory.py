@@ -20,8 +20,8 @@ So, as PyTorch's caching allocator does on GPUs, freed memory is kept for the ne
 
 The cost is resident memory: the allocated peak does not change, but the heap keeps its
 high-water mark until the process exits, with the holes between blocks (fragmentation): the
-resident peak read x1.25 (plain) to x1.5 (DP) of the allocated peak at context 256 against
-x1.01-1.2 with the defaults. So where memory is tight the defaults are kept: when the memory
+resident peak read x1.21-1.38 (plain) and x1.28-1.53 (DP) of the allocated peak over
+T 256-512, d 128-256, batch 32-128 (benchmarks/README.md) against x1.01-1.2 with the defaults. So where memory is tight the defaults are kept: when the memory
 check (:mod:`safelm.preflight`) finds the estimated step peak times :data:`RESIDENT_FACTOR`
 above the memory available, it calls :func:`keep_defaults` (and says so on stderr);
 ``SAFELM_KEEP_FREED_MEMORY=0`` keeps them always. It changes ``malloc`` for the whole
@@ -38,7 +38,7 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: about 2 GiB
 DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's own defaults
-RESIDENT_FACTOR = 1.6  # resident / allocated peak with the settings: up to x1.5 measured
+RESIDENT_FACTOR = 1.6  # resident / allocated peak with the settings: at most x1.53 measured
 
 _declined: str | None = None  # why the defaults are kept in this process (keep_defaults)
 
