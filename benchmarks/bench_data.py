@@ -12,7 +12,9 @@ What it does:
 3. runs the same command again into a new run dir: the token files are reused;
 4. runs it once more with DP-SGD (``privacy.enabled=true``, noise multiplier 1, unit
    ``example``: Poisson sampling over the examples, each of several blocks) over the same
-   token files.
+   token files;
+5. with ``--predict``: runs ``safelm predict`` of the first run's model over the whole corpus
+   (every paragraph scored; the file is read, tokenized and scored piece by piece).
 
 For each run it prints wall time and the process's peak resident memory (``ru_maxrss`` of
 that child alone, from ``os.wait4``), and for the first the tokenize time and tokens per
@@ -20,10 +22,10 @@ second recorded in the run's ``data.json``. Target: peak RSS under 2 GB for toke
 the first steps. (Before token files, this command peaked at 20.4 GB and took 4 min 44 s on
 a 300 MB corpus: the loader held the whole file and every token as Python objects.)
 
-Usage: python benchmarks/bench_data.py [--mb 300] [--dir DIR] [--keep]
+Usage: python benchmarks/bench_data.py [--mb 300] [--dir DIR] [--keep] [--predict]
 Last line: {"corpus_mb": ..., "first": {"wall_s", "peak_rss_gb", "tokenize_s",
             "tokens_per_s", "tokens", "reused"}, "second": {...}, "dp": {...},
-            "peak_rss_target_gb": 2}
+            ["predict": {"wall_s", "peak_rss_gb", "rows"},] "peak_rss_target_gb": 2}
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
     proc.stderr.close()
     code = os.waitstatus_to_exitcode(status)
     if code:
-        sys.exit(f"error: safelm train failed ({code}):\n{err[-2000:]}")
+        sys.exit(f"error: {' '.join(cmd[2:4])} failed ({code}):\n{err[-2000:]}")
     return wall, usage.ru_maxrss / 1024 ** 2, code  # ru_maxrss is in KiB on Linux
 
 
@@ -79,6 +81,8 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=300)
     ap.add_argument("--dir", default="", help="work dir (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus, runs and cache")
+    ap.add_argument("--predict", action="store_true",
+                    help="also score the whole corpus with `safelm predict` (minutes)")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -107,6 +111,14 @@ def main() -> None:
                   f" ({rec['tokens']:,} tokens in {tc['tokenize_seconds']:.0f} s, "
                   f"{tc['tokens_per_second']:,} tokens/s)" if name == "first" else ""),
               flush=True)
+    if args.predict:
+        preds = work / "predictions.csv"
+        wall, rss, _ = run([sys.executable, "-m", "safelm.cli", "predict", str(work / "run_first"),
+                            "--data", str(corpus), "--out", str(preds)])
+        with open(preds, "rb") as f:
+            rows = sum(1 for _ in f) - 1
+        result["predict"] = {"wall_s": round(wall, 1), "peak_rss_gb": round(rss, 2), "rows": rows}
+        print(f"predict: {rows:,} rows scored in {wall:.0f} s, peak RSS {rss:.2f} GB", flush=True)
     if not args.keep and not args.dir:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from . import rundir
 from .canaries import CANARIES_FILE, bernoulli_draw, insert_canaries
 from .config import Config
-from .data import BlockDataset, Encoded, encode_rows, load_rows, split_rows
+from .data import (BlockDataset, Encoded, check_train_nonempty, check_unique_ids, encode_rows,
+                   iter_prediction_rows, split_assignment)
 from .distributed import init_from_env
-from .errors import MissingColumn, UserError
+from .errors import UserError
 from .hashing import file_sha256, predictions_meta, replace_with_meta, write_meta_tmp
 from .model import build_model
 from .reweighting import row_weights
@@ -308,44 +309,65 @@ def score_encoded(run: Run, enc: Encoded, n_rows: int, batch_size: int = 64) -> 
 
 
 def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
-                      data_overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+                      data_overrides: dict[str, Any] | None = None,
+                      **chunking: int) -> pd.DataFrame:
     """The predictions table of docs/design.md for the rows of ``data_path``.
 
     ``split`` keeps only the rows the run's seeded split put in train, val or test (the same
     split as training, since it depends only on the data and the seed).
+
+    The file is read, tokenized and scored piece by piece (``chunking``: ``chunk_bytes`` /
+    ``chunk_rows`` of :func:`safelm.data.iter_tables`), so only one piece's text and tokens
+    are in memory beside the table being built (a row of a few numbers per example): a file
+    larger than memory can be scored. A split other than ``all`` reads the file twice, first
+    for the ids, users and split column that decide each row's split.
     """
     cfg = Config.from_dict(run.cfg.to_dict())
     for key, value in (data_overrides or {}).items():
         setattr(cfg.data, key, value)
-    task = cfg.train.task
-    has_labels = task == "classify"
-    try:
-        rows = load_rows(data_path, cfg.data, task)
-    except MissingColumn as e:
-        if task != "classify" or e.column != cfg.data.label_col:
-            raise
-        has_labels = False  # unlabelled rows: predict without y_true / nll
-        rows = load_rows(data_path, cfg.data, "lm")
-        rows["label"] = ""
+    task, labels = cfg.train.task, cfg.data.labels
+    assign = None
     if split != "all":
-        rows = split_rows(rows, cfg.data, cfg.train.seed)[split]
-        if len(rows) == 0:
+        keys = [r.drop(columns="text") for r, _ in
+                iter_prediction_rows(data_path, cfg.data, task, **chunking)]
+        assign = split_assignment(pd.concat(keys, ignore_index=True), cfg.data, cfg.train.seed)
+        check_train_nonempty(assign)
+        if not (assign == split).any():
             raise UserError(f"{data_path}: the {split} split is empty for this run's seed")
-    labels = cfg.data.labels
-    known = rows["label"].isin(labels) if task == "classify" else None
-    if has_labels and not known.all():
-        bad = sorted(set(rows.loc[~known, "label"]))[:5]
-        raise UserError(f"{data_path}: labels {bad} were not in this run's training labels "
-                        f"({', '.join(labels)})")
+    parts, ids, at = [], [], 0
+    for rows, has_labels in iter_prediction_rows(data_path, cfg.data, task, **chunking):
+        ids.append(rows["example_id"])
+        if assign is not None:
+            keep = assign[at:at + len(rows)] == split
+            at += len(rows)
+            rows = rows[keep].reset_index(drop=True)
+            if len(rows) == 0:
+                continue
+        parts.append(_predict_rows(run, cfg, rows, has_labels, data_path))
+    check_unique_ids(pd.concat(ids, ignore_index=True), data_path, cfg.data)
+    table = pd.concat(parts, ignore_index=True)
+    # Which weights made this table: write_csv records it in the <file>.meta.json sidecar.
+    table.attrs["model_sha256"] = model_sha256(run)
+    table.attrs["split"] = split
+    return table
+
+
+def _predict_rows(run: Run, cfg: Config, rows: pd.DataFrame, has_labels: bool,
+                  data_path: str | Path) -> pd.DataFrame:
+    """The predictions table's rows for one piece of normalized rows."""
+    task, labels = cfg.train.task, cfg.data.labels
+    if has_labels:
+        known = rows["label"].isin(labels)
+        if not known.all():
+            bad = sorted(set(rows.loc[~known, "label"]))[:5]
+            raise UserError(f"{data_path}: labels {bad} were not in this run's training "
+                            f"labels ({', '.join(labels)})")
     enc_rows = rows.assign(label=labels[0]) if task == "classify" and not has_labels else rows
     enc = encode_rows(enc_rows, run.tokenizer, cfg.model.block_size, task, labels)
     if task == "classify" and not has_labels:
         enc.labels[:] = -1
     s = score_encoded(run, enc, len(rows))
     table = pd.DataFrame({"example_id": rows["example_id"]})
-    # Which weights made this table: write_csv records it in the <file>.meta.json sidecar.
-    table.attrs["model_sha256"] = model_sha256(run)
-    table.attrs["split"] = split
     if task == "classify":
         table["y_true"] = rows["label"].values if has_labels else ""
         table["y_pred"] = [labels[i] for i in s["probs"].argmax(1)]

@@ -241,6 +241,39 @@ def iter_rows(path: str | Path, cfg: DataConfig, task: str, **chunking) -> Itera
         first += len(df)
 
 
+def iter_prediction_rows(path: str | Path, cfg: DataConfig, task: str,
+                         **chunking) -> Iterator[tuple[pd.DataFrame, bool]]:
+    """Rows to predict on, piece by piece, each with whether the rows carry labels.
+
+    A classifier's file without its label column is predicted unlabelled: decided on the
+    first piece (a file read whole would lack the column everywhere). Should a later piece
+    bring labels after all (JSONL records that gain the key), that is the error a whole read
+    gives: rows without a label. Duplicate ids are the caller's to check, as for
+    :func:`iter_rows`.
+    """
+    p = Path(path)
+    first, labelled = 0, task == "classify"
+    for df in iter_tables(p, cfg, **chunking):
+        if first == 0 and labelled:
+            try:
+                rows = _normalize(df, cfg, task, p, first)
+            except MissingColumn as e:
+                if e.column != cfg.label_col:
+                    raise
+                labelled = False
+        if not labelled:
+            if task == "classify" and cfg.label_col in df.columns and \
+                    (_as_str(df[cfg.label_col]).str.strip() != "").any():
+                raise DataError(f"{p}: rows 1-{first} have no label in column "
+                                f"{cfg.label_col!r} but later rows do; fill or drop them")
+            rows = _normalize(df, cfg, "lm", p, first)
+            rows["label"] = ""
+        elif first > 0:
+            rows = _normalize(df, cfg, task, p, first)
+        yield rows, labelled
+        first += len(df)
+
+
 def check_unique_ids(ids: pd.Series, path: str | Path, cfg: DataConfig) -> None:
     dup = ids.duplicated()
     if dup.any():
