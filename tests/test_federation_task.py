@@ -184,3 +184,45 @@ want = Trainer(model, data.cfg.train, ds, ds, num_classes=data.cfg.model.num_cla
 print('torch._dynamo' in sys.modules)
 print(got == want and set(got) == {'loss', 'accuracy', 'macro_f1'})
 """) == ["False", "True", "True"]
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "dirichlet-group", "natural"])
+def test_client_rows_read_in_pieces_equal_the_whole_read(setup, partitioning, monkeypatch,
+                                                         tmp_path):
+    """Oracle: the old whole-file computation (load_rows, split_rows, the pool of train then
+    val rows, partition_rows). The client's rows, read in two streaming passes of 7-row
+    pieces, are the same rows in the same order, for every client; each file row lands in at
+    most one client, and every pool row in one."""
+    import functools
+
+    from safelm.data import iter_rows, load_rows, split_rows
+    data, fed = setup
+    cfg = Config.from_dict(data.cfg.to_dict())
+    path = task.data_path(fed)
+    csv = tmp_path / "d.csv"
+    pd.read_csv(path, dtype=str, keep_default_na=False).to_csv(csv, index=False)
+    if partitioning == "natural":
+        cfg.data.user_col = "user" if "user" in pd.read_csv(csv, nrows=1).columns else None
+        if cfg.data.user_col is None:
+            pytest.skip("the bundled corpus has no user column")
+    fed = type(fed).from_values({**fed.values, "partitioning": partitioning})
+    monkeypatch.setattr(task, "iter_rows", functools.partial(iter_rows, chunk_rows=7))
+    rows = load_rows(csv, cfg.data, cfg.train.task)
+    splits = split_rows(rows, cfg.data, cfg.train.seed)
+    pool = pd.concat([splits["train"].assign(_split="train"),
+                      splits["val"].assign(_split="val")], ignore_index=True)
+    owner = task.partition_rows(cfg, fed, pool, 3)
+    seen = []
+    for pid in range(3):
+        spec = {"path": str(csv), "own_file": False, "pid": pid, "n": 3, "fed": fed.values}
+        train, val = task._client_rows(spec, cfg)
+        mine = pool[owner == pid]
+        for got, name in ((train, "train"), (val, "val")):
+            want = mine[mine["_split"] == name].drop(columns="_split").reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want)
+            seen += list(got["example_id"])
+    assert sorted(seen) == sorted(pool["example_id"])  # a partition of the pool
+    spec = {"path": str(csv), "own_file": True, "pid": 0, "n": 3, "fed": fed.values}
+    train, val = task._client_rows(spec, cfg)
+    pd.testing.assert_frame_equal(train, splits["train"])
+    pd.testing.assert_frame_equal(val, splits["val"])
