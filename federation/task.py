@@ -39,8 +39,7 @@ from safelm import Tokenizer
 from safelm.api import Run, load_run, prepare, score_encoded
 from safelm.config import Config
 from safelm.corpus import story_corpus, write_sentiment_csv
-from safelm.data import (BlockDataset, Encoded, check_train_nonempty, check_unique_ids,
-                         encode_rows, iter_rows, split_assignment)
+from safelm.data import BlockDataset, Encoded, encode_rows, read_splits
 from safelm.errors import UserError
 from safelm.hashing import file_sha256
 from safelm.lora import apply_lora
@@ -149,41 +148,22 @@ def _client_data_cached(key: str, cfg_json: str, tok_json: str) -> ClientData:
 
 
 def _client_rows(spec: dict[str, Any], cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """This client's train and validation rows, read in two streaming passes so that only
-    its own rows' text is ever in memory (a simulated client on a shared file holds 1/N of
-    it, not all of it): the first pass reads the rows' metadata (ids, users, groups, split
-    column), which decide the split and the partition exactly as the server decides them
-    (pool = train rows, then val rows, in file order); the second keeps this client's rows."""
-    path = spec["path"]
-    meta = pd.concat([r.drop(columns="text") for r in iter_rows(path, cfg.data, cfg.train.task)],
-                     ignore_index=True)
-    check_unique_ids(meta["example_id"], path, cfg.data)
-    assign = split_assignment(meta, cfg.data, cfg.train.seed)
-    check_train_nonempty(assign)
-    pool_index = np.concatenate([np.flatnonzero(assign == "train"),
-                                 np.flatnonzero(assign == "val")])
-    if spec["own_file"]:  # node-local data: all of it is this client's
-        mine_in_pool = np.ones(len(pool_index), dtype=bool)
-    else:
+    """This client's train and validation rows. The file is read in two streaming passes
+    (:func:`safelm.data.read_splits`), so only this client's rows' text is ever in memory (a
+    simulated client on a shared file holds 1/N of it): the rows' metadata decides the split
+    and the partition exactly as the server decides them (pool = train rows, then val rows,
+    in file order)."""
+    def mine(meta: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
+        if spec["own_file"]:  # node-local data: all of it is this client's
+            return {"train": np.ones(len(meta["train"]), bool),
+                    "val": np.ones(len(meta["val"]), bool)}
+        pool = pd.concat([meta["train"], meta["val"]], ignore_index=True)
         fed = FedSettings.from_values(spec["fed"])
-        pool = meta.iloc[pool_index].reset_index(drop=True)
-        mine_in_pool = partition_rows(cfg, fed, pool, spec["n"]) == spec["pid"]
-    mine = np.zeros(len(meta), dtype=bool)
-    mine[pool_index[mine_in_pool]] = True
-    parts: dict[str, list[pd.DataFrame]] = {"train": [], "val": []}
-    at, empty = 0, None
-    for rows in iter_rows(path, cfg.data, cfg.train.task):
-        if empty is None:
-            empty = rows.head(0)
-        sl = slice(at, at + len(rows))
-        at += len(rows)
-        for split in parts:
-            keep = mine[sl] & (assign[sl] == split)
-            if keep.any():
-                parts[split].append(rows[keep])
-    train, val = (pd.concat(parts[s], ignore_index=True) if parts[s] else empty
-                  for s in ("train", "val"))
-    return train, val
+        owned = partition_rows(cfg, fed, pool, spec["n"]) == spec["pid"]
+        return {"train": owned[:len(meta["train"])], "val": owned[len(meta["train"]):]}
+
+    splits = read_splits(spec["path"], cfg.data, cfg.train.task, cfg.train.seed, select=mine)
+    return splits["train"], splits["val"]
 
 
 def client_data(cfg: Config, tok_json: str, fed: FedSettings, partition_id: int,

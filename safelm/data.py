@@ -24,7 +24,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -358,6 +358,41 @@ def split_rows(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> dict[str, pd.D
     assign = split_assignment(rows, cfg, seed)
     check_train_nonempty(assign)
     return {s: rows[assign == s].reset_index(drop=True) for s in SPLITS}
+
+
+def read_splits(path: str | Path, cfg: DataConfig, task: str, seed: int,
+                select: Callable[[dict[str, pd.DataFrame]], dict[str, np.ndarray]] | None = None,
+                **chunking: int) -> dict[str, pd.DataFrame]:
+    """:func:`split_rows` of the file, read in two streaming passes so that only the selected
+    rows' text is ever in memory: the first pass reads every row's metadata (no text), which
+    decides the split (:func:`split_assignment`); ``select(meta)`` gets that metadata per
+    split and returns, per split, a boolean mask over those rows (a split it leaves out keeps
+    no rows; None keeps all); the second pass keeps the selected rows, in file order, as
+    :func:`split_rows` gives them. Duplicate ids and an empty training split are errors, as
+    in :func:`load_rows` and :func:`split_rows`."""
+    meta = pd.concat([r.drop(columns="text") for r in iter_rows(path, cfg, task, **chunking)],
+                     ignore_index=True)
+    check_unique_ids(meta["example_id"], path, cfg)
+    assign = split_assignment(meta, cfg, seed)
+    check_train_nonempty(assign)
+    keep = np.ones(len(meta), dtype=bool)
+    if select is not None:
+        where = {s: np.flatnonzero(assign == s) for s in SPLITS}
+        masks = select({s: meta.iloc[where[s]].reset_index(drop=True) for s in SPLITS})
+        keep[:] = False
+        for s, mask in masks.items():
+            keep[where[s][np.asarray(mask, dtype=bool)]] = True
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
+    at, empty = 0, None
+    for rows in iter_rows(path, cfg, task, **chunking):
+        empty = rows.head(0) if empty is None else empty
+        sl = slice(at, at + len(rows))
+        at += len(rows)
+        for s in SPLITS:
+            mask = keep[sl] & (assign[sl] == s)
+            if mask.any():
+                parts[s].append(rows[mask])
+    return {s: pd.concat(parts[s], ignore_index=True) if parts[s] else empty for s in SPLITS}
 
 
 def check_train_nonempty(assign: np.ndarray) -> None:

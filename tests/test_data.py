@@ -431,3 +431,30 @@ def test_classify_unknown_label_raises():
     rows = cls_rows([[5], [6]], ["a", "zzz"])
     with pytest.raises(DataError, match="zzz"):
         encode_rows(rows, FakeTokenizer(), 4, "classify", ["a", "b"])
+
+
+def test_read_splits_in_pieces_equals_split_rows_of_a_whole_read(cls_csv, tmp_path):
+    """Oracle: split_rows(load_rows(...)). Two streaming passes of 5-row pieces give the same
+    splits (by user here), a selection keeps exactly the selected rows, and the whole-file
+    checks (duplicate ids) still fire across pieces."""
+    from safelm.data import read_splits
+    cfg = DataConfig(user_col="user", val_frac=0.2, test_frac=0.2)
+    want = split_rows(load_rows(cls_csv, cfg, "classify"), cfg, 3)
+    got = read_splits(cls_csv, cfg, "classify", 3, chunk_rows=5)
+    for s in ("train", "val", "test"):
+        pd.testing.assert_frame_equal(got[s], want[s])
+    seen = {}
+
+    def every_other_val(meta):
+        seen.update(meta)
+        return {"val": np.arange(len(meta["val"])) % 2 == 0}
+    got = read_splits(cls_csv, cfg, "classify", 3, select=every_other_val, chunk_rows=5)
+    assert "text" not in seen["train"].columns  # select sees metadata only
+    pd.testing.assert_frame_equal(got["val"], want["val"].iloc[::2].reset_index(drop=True))
+    assert len(got["train"]) == len(got["test"]) == 0
+    assert list(got["train"].columns) == list(want["train"].columns)
+    rows = pd.read_csv(cls_csv, dtype=str)
+    rows.loc[100, "example_id"] = rows.loc[3, "example_id"]
+    rows.to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(DataError, match="appears twice"):
+        read_splits(tmp_path / "dup.csv", cfg, "classify", 3, chunk_rows=5)

@@ -195,7 +195,7 @@ def test_client_rows_read_in_pieces_equal_the_whole_read(setup, partitioning, mo
     most one client, and every pool row in one."""
     import functools
 
-    from safelm.data import iter_rows, load_rows, split_rows
+    from safelm.data import load_rows, read_splits, split_rows
     data, fed = setup
     cfg = Config.from_dict(data.cfg.to_dict())
     path = task.data_path(fed)
@@ -206,7 +206,7 @@ def test_client_rows_read_in_pieces_equal_the_whole_read(setup, partitioning, mo
         if cfg.data.user_col is None:
             pytest.skip("the bundled corpus has no user column")
     fed = type(fed).from_values({**fed.values, "partitioning": partitioning})
-    monkeypatch.setattr(task, "iter_rows", functools.partial(iter_rows, chunk_rows=7))
+    monkeypatch.setattr(task, "read_splits", functools.partial(read_splits, chunk_rows=7))
     rows = load_rows(csv, cfg.data, cfg.train.task)
     splits = split_rows(rows, cfg.data, cfg.train.seed)
     pool = pd.concat([splits["train"].assign(_split="train"),
