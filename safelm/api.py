@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import rundir
 from .canaries import CANARIES_FILE, bernoulli_draw, insert_canaries
 from .config import Config
-from .data import (BlockDataset, Encoded, check_train_nonempty, check_unique_ids, encode_rows,
+from .data import (BlockDataset, Encoded, check_train_nonempty, encode_rows,
                    iter_prediction_rows, split_assignment)
 from .distributed import init_from_env
 from .errors import UserError
@@ -325,18 +325,17 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
     cfg = Config.from_dict(run.cfg.to_dict())
     for key, value in (data_overrides or {}).items():
         setattr(cfg.data, key, value)
-    task, labels = cfg.train.task, cfg.data.labels
     assign = None
     if split != "all":
         keys = [r.drop(columns="text") for r, _ in
-                iter_prediction_rows(data_path, cfg.data, task, **chunking)]
+                iter_prediction_rows(data_path, cfg.data, cfg.train.task, **chunking)]
         assign = split_assignment(pd.concat(keys, ignore_index=True), cfg.data, cfg.train.seed)
         check_train_nonempty(assign)
         if not (assign == split).any():
             raise UserError(f"{data_path}: the {split} split is empty for this run's seed")
-    parts, ids, at = [], [], 0
-    for rows, has_labels in iter_prediction_rows(data_path, cfg.data, task, **chunking):
-        ids.append(rows["example_id"])
+    parts, at = [], 0
+    for rows, has_labels in iter_prediction_rows(data_path, cfg.data, cfg.train.task,
+                                                 **chunking):
         if assign is not None:
             keep = assign[at:at + len(rows)] == split
             at += len(rows)
@@ -344,7 +343,6 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
             if len(rows) == 0:
                 continue
         parts.append(_predict_rows(run, cfg, rows, has_labels, data_path))
-    check_unique_ids(pd.concat(ids, ignore_index=True), data_path, cfg.data)
     table = pd.concat(parts, ignore_index=True)
     # Which weights made this table: write_csv records it in the <file>.meta.json sidecar.
     table.attrs["model_sha256"] = model_sha256(run)

@@ -248,11 +248,11 @@ def iter_prediction_rows(path: str | Path, cfg: DataConfig, task: str,
     A classifier's file without its label column is predicted unlabelled: decided on the
     first piece (a file read whole would lack the column everywhere). Should a later piece
     bring labels after all (JSONL records that gain the key), that is the error a whole read
-    gives: rows without a label. Duplicate ids are the caller's to check, as for
-    :func:`iter_rows`.
+    gives: rows without a label. An id that repeats one of an earlier piece is an error as
+    soon as its piece is read.
     """
     p = Path(path)
-    first, labelled = 0, task == "classify"
+    first, labelled, seen = 0, task == "classify", set()
     for df in iter_tables(p, cfg, **chunking):
         if first == 0 and labelled:
             try:
@@ -270,15 +270,23 @@ def iter_prediction_rows(path: str | Path, cfg: DataConfig, task: str,
             rows["label"] = ""
         elif first > 0:
             rows = _normalize(df, cfg, task, p, first)
+        check_unique_ids(rows["example_id"], p, cfg, seen)
         yield rows, labelled
         first += len(df)
 
 
-def check_unique_ids(ids: pd.Series, path: str | Path, cfg: DataConfig) -> None:
+def check_unique_ids(ids: pd.Series, path: str | Path, cfg: DataConfig,
+                     seen: set[str] | None = None) -> None:
+    """DataError naming the first id that occurs twice in ``ids`` (or is already in ``seen``,
+    the ids of earlier pieces, to which ``ids`` are then added)."""
     dup = ids.duplicated()
+    if seen is not None:
+        dup |= ids.isin(seen)
     if dup.any():
         raise DataError(f"{path}: example id {ids[dup].iloc[0]!r} appears twice in column "
                         f"{cfg.id_col!r}; ids must be unique")
+    if seen is not None:
+        seen.update(ids.tolist())
 
 
 def load_rows(path: str | Path, cfg: DataConfig, task: str) -> pd.DataFrame:

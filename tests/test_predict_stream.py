@@ -81,7 +81,7 @@ def test_unlabelled_rows_and_a_language_model(runs):
     assert len(table) == 80 and (table["n_tokens"] > 0).all()
 
 
-def test_whole_file_errors_fire_across_pieces(runs):
+def test_whole_file_errors_fire_across_pieces(runs, monkeypatch):
     d, cls, _ = runs
     rows = pd.read_csv(d / "cls.csv", dtype=str)
     # planted: an id repeated 100 rows later (other pieces)
@@ -90,6 +90,13 @@ def test_whole_file_errors_fire_across_pieces(runs):
     for chunking in (WHOLE, PIECES):
         with pytest.raises(DataError, match="appears twice"):
             predictions_table(cls, d / "dup.csv", **chunking)
+    # ... as soon as its piece is read (rows 105-111: the 16th of 18 pieces), not at the end
+    scored = []
+    score = api.score_encoded
+    monkeypatch.setattr(api, "score_encoded", lambda *a, **k: scored.append(1) or score(*a, **k))
+    with pytest.raises(DataError, match="appears twice"):
+        predictions_table(cls, d / "dup.csv", **PIECES)
+    assert len(scored) == 15
     # planted: labels only from the 61st record on (JSONL records gain the key)
     labelled = pd.read_csv(d / "cls.csv", dtype=str)
     recs = labelled.drop(columns="label").to_dict("records")
