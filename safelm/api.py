@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from . import rundir
 from .canaries import CANARIES_FILE, bernoulli_draw, insert_canaries
 from .config import Config
-from .data import (BlockDataset, Encoded, check_train_nonempty, encode_rows,
-                   iter_prediction_rows, split_assignment)
+from .data import BlockDataset, Encoded, encode_rows, iter_prediction_rows, metadata_split
 from .distributed import init_from_env
 from .errors import UserError
 from .hashing import file_sha256, predictions_meta, replace_with_meta, write_meta_tmp
@@ -327,10 +326,8 @@ def predictions_table(run: Run, data_path: str | Path, *, split: str = "all",
         setattr(cfg.data, key, value)
     assign = None
     if split != "all":
-        keys = [r.drop(columns="text") for r, _ in
-                iter_prediction_rows(data_path, cfg.data, cfg.train.task, **chunking)]
-        assign = split_assignment(pd.concat(keys, ignore_index=True), cfg.data, cfg.train.seed)
-        check_train_nonempty(assign)
+        _, assign = metadata_split((r for r, _ in iter_prediction_rows(
+            data_path, cfg.data, cfg.train.task, **chunking)), cfg.data, cfg.train.seed)
         if not (assign == split).any():
             raise UserError(f"{data_path}: the {split} split is empty for this run's seed")
     parts, at = [], 0

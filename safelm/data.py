@@ -24,7 +24,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -280,8 +280,8 @@ def check_unique_ids(ids: pd.Series, path: str | Path, cfg: DataConfig,
     """DataError naming the first id that occurs twice in ``ids`` (or is already in ``seen``,
     the ids of earlier pieces, to which ``ids`` are then added)."""
     dup = ids.duplicated()
-    if seen is not None:
-        dup |= ids.isin(seen)
+    if seen is not None:  # set lookups: O(len(ids)) per piece, not O(ids seen so far)
+        dup |= np.fromiter((i in seen for i in ids.tolist()), dtype=bool, count=len(ids))
     if dup.any():
         raise DataError(f"{path}: example id {ids[dup].iloc[0]!r} appears twice in column "
                         f"{cfg.id_col!r}; ids must be unique")
@@ -368,6 +368,16 @@ def split_rows(rows: pd.DataFrame, cfg: DataConfig, seed: int) -> dict[str, pd.D
     return {s: rows[assign == s].reset_index(drop=True) for s in SPLITS}
 
 
+def metadata_split(pieces: Iterable[pd.DataFrame], cfg: DataConfig,
+                   seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows' metadata (normalized pieces without their text) and each row's split, as
+    :func:`split_rows` would assign it; an empty training split is an error."""
+    meta = pd.concat([r.drop(columns="text") for r in pieces], ignore_index=True)
+    assign = split_assignment(meta, cfg, seed)
+    check_train_nonempty(assign)
+    return meta, assign
+
+
 def read_splits(path: str | Path, cfg: DataConfig, task: str, seed: int,
                 select: Callable[[dict[str, pd.DataFrame]], dict[str, np.ndarray]] | None = None,
                 **chunking: int) -> dict[str, pd.DataFrame]:
@@ -378,11 +388,8 @@ def read_splits(path: str | Path, cfg: DataConfig, task: str, seed: int,
     no rows; None keeps all); the second pass keeps the selected rows, in file order, as
     :func:`split_rows` gives them. Duplicate ids and an empty training split are errors, as
     in :func:`load_rows` and :func:`split_rows`."""
-    meta = pd.concat([r.drop(columns="text") for r in iter_rows(path, cfg, task, **chunking)],
-                     ignore_index=True)
+    meta, assign = metadata_split(iter_rows(path, cfg, task, **chunking), cfg, seed)
     check_unique_ids(meta["example_id"], path, cfg)
-    assign = split_assignment(meta, cfg, seed)
-    check_train_nonempty(assign)
     keep = np.ones(len(meta), dtype=bool)
     if select is not None:
         where = {s: np.flatnonzero(assign == s) for s in SPLITS}

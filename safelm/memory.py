@@ -21,9 +21,10 @@ So, as PyTorch's caching allocator does on GPUs, freed memory is kept for the ne
 The cost is resident memory: the allocated peak does not change, but the heap keeps its
 high-water mark until the process exits, with the holes between blocks (fragmentation): the
 resident peak read x1.21-1.38 (plain) and x1.28-1.53 (DP) of the allocated peak over
-T 256-512, d 128-256, batch 32-128 (benchmarks/README.md) against x1.01-1.2 with the defaults. So where memory is tight the defaults are kept: when the memory
-check (:mod:`safelm.preflight`) finds the estimated step peak times :data:`RESIDENT_FACTOR`
-above the memory available, it calls :func:`keep_defaults` (and says so on stderr);
+T 256-512, d 128-256, batch 32-128 (benchmarks/README.md) against x1.01-1.2 with the
+defaults. So where memory is tight the defaults are kept: when the memory check
+(:mod:`safelm.preflight`) finds the estimated step peak times :data:`RESIDENT_FACTOR` above
+the memory available, it calls :func:`keep_defaults` (and says so on stderr);
 ``SAFELM_KEEP_FREED_MEMORY=0`` keeps them always. It changes ``malloc`` for the whole
 process, so it is applied where training starts (:class:`safelm.trainer.Trainer`) and only
 there. Elsewhere than glibc it does nothing.
